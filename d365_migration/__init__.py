@@ -1,0 +1,1 @@
+"""d365_migration: move customers off retired Dynamics 365 Qualified Offers, unattended and safely."""

@@ -1,0 +1,279 @@
+"""Settings, read once from the environment (app settings in Azure, local.settings.json locally).
+
+Every setting the code reads is listed in ``APP_SETTINGS``; the infrastructure test checks that the Bicep
+template sets each of them. A bad value raises :class:`ConfigurationError` naming the setting and the fix, so a
+misconfigured app stops at start-up instead of doing something half-right.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigurationError
+
+#: Every app setting the code reads (besides the ``AzureWebJobsStorage__*`` family, which the host reads too).
+APP_SETTINGS: tuple[str, ...] = (
+    "PARTNER_CENTER_ENDPOINT",
+    "PARTNER_CENTER_AUTH",
+    "PARTNER_CENTER_TENANT_ID",
+    "PARTNER_CENTER_CLIENT_ID",
+    "PARTNER_CENTER_CLIENT_SECRET",
+    "PARTNER_CENTER_REFRESH_TOKEN",
+    "PARTNER_CENTER_AUTHORITY",
+    "KEY_VAULT_URL",
+    "AzureWebJobsStorage",
+    "DRY_RUN",
+    "EXPIRY_WINDOW_DAYS",
+    "REPLACEMENT_OFFERS",
+    "REPLACEMENT_BILLING_CYCLE",
+    "REPLACEMENT_TERM_DURATION",
+    "DETECT_SCHEDULE",
+    "RETIRED_OFFERS_EXTRA",
+    "LEDGER_TABLE",
+    "PROVISIONING_POLL_SECONDS",
+    "PROVISIONING_TIMEOUT_MINUTES",
+    "PARTNER_CENTER_REQUESTS_PER_MINUTE",
+    "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
+    "PARTNER_CENTER_MAX_CONCURRENCY",
+    "MAX_PURCHASES_PER_RUN",
+    "CUSTOMER_ALLOWLIST",
+    "CUSTOMER_DENYLIST",
+    "INVOCATION_BUDGET_SECONDS",
+)
+
+DEFAULT_ENDPOINT = "https://api.partnercenter.microsoft.com"
+DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
+DEFAULT_DETECT_SCHEDULE = "0 0 6 * * *"  # daily at 06:00 UTC
+FAMILIES = ("sales", "customer_engagement")
+AUDIENCES = ("commercial", "faculty", "students", "government")
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# productId:skuId:availabilityId, e.g. CFQ7TTC0LH18:0001:CFQ7TTC0K971
+_CATALOG_ITEM = re.compile(r"^[A-Za-z0-9]{1,40}:[A-Za-z0-9]{1,20}:[A-Za-z0-9]{1,40}$")
+
+AuthMode = Literal["app-user", "none"]
+
+
+def is_guid(value: str) -> bool:
+    return bool(_GUID.match(value))
+
+
+def is_catalog_item_id(value: str) -> bool:
+    return bool(_CATALOG_ITEM.match(value))
+
+
+@dataclass(frozen=True)
+class ReplacementOffers:
+    """``REPLACEMENT_OFFERS``: family → audience → offer id (legacy GUID) or catalog item id (NCE)."""
+
+    mapping: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def lookup(self, family: str, audience: str) -> str | None:
+        return self.mapping.get(family, {}).get(audience)
+
+    @staticmethod
+    def parse(raw: str | None) -> ReplacementOffers:
+        name = "REPLACEMENT_OFFERS"
+        example = '{"sales": {"commercial": "CFQ7TTC0XXXX:0001:CFQ7TTC0YYYY"}, "customer_engagement": {...}}'
+        if raw is None or not raw.strip():
+            return ReplacementOffers({})
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(name, f"is not valid JSON ({exc.msg} at position {exc.pos})",
+                                     f"set it to JSON like {example}") from None
+        if not isinstance(data, dict):
+            raise ConfigurationError(name, "must be a JSON object keyed by family", f"e.g. {example}")
+        mapping: dict[str, dict[str, str]] = {}
+        for family, audiences in data.items():
+            if family not in FAMILIES:
+                raise ConfigurationError(name, f"unknown family {family!r}", f"use one of {', '.join(FAMILIES)}")
+            if not isinstance(audiences, dict):
+                raise ConfigurationError(name, f"{family} must map audiences to offer ids", f"e.g. {example}")
+            mapping[family] = {}
+            for audience, offer in audiences.items():
+                if audience not in AUDIENCES:
+                    raise ConfigurationError(name, f"unknown audience {family}.{audience}",
+                                             f"use one of {', '.join(AUDIENCES)}")
+                if not isinstance(offer, str) or not (is_guid(offer) or is_catalog_item_id(offer)):
+                    raise ConfigurationError(
+                        name, f"{family}.{audience} = {offer!r} is neither a legacy offer GUID nor a "
+                        "catalog item id", "use productId:skuId:availabilityId (new commerce) or an offer GUID")
+                mapping[family][audience] = offer
+        return ReplacementOffers(mapping)
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str = DEFAULT_ENDPOINT
+    auth: AuthMode = "app-user"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    authority: str = DEFAULT_AUTHORITY
+    key_vault_url: str | None = None
+    storage_connection: str | None = field(default=None, repr=False)
+    storage_queue_uri: str | None = None
+    storage_table_uri: str | None = None
+    storage_client_id: str | None = None
+    dry_run: bool = True
+    expiry_window_days: int = 60
+    replacement_offers: ReplacementOffers = field(default_factory=ReplacementOffers)
+    replacement_billing_cycle: str = "monthly"
+    replacement_term_duration: str = "P1Y"
+    detect_schedule: str = DEFAULT_DETECT_SCHEDULE
+    retired_offers_extra: str | None = None
+    ledger_table: str = "migrations"
+    provisioning_poll_seconds: int = 60
+    provisioning_timeout_minutes: int = 24 * 60
+    requests_per_minute: int = 500
+    license_requests_per_minute: int = 300
+    max_concurrency: int = 16
+    max_purchases_per_run: int = 50
+    customer_allowlist: frozenset[str] = frozenset()
+    customer_denylist: frozenset[str] = frozenset()
+    invocation_budget_seconds: int = 480
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return load_settings(os.environ if env is None else env)
+
+    def customer_in_scope(self, customer_id: str) -> bool:
+        cid = customer_id.lower()
+        if cid in self.customer_denylist:
+            return False
+        return not self.customer_allowlist or cid in self.customer_allowlist
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(name, f"{raw!r} is not a boolean", "use true or false")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigurationError(name, f"{raw!r} is not a whole number", f"use a number ≥ {minimum}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
+        raise ConfigurationError(name, f"{value} is out of range", f"use a number {bound}")
+    return value
+
+
+def _guid_set(env: Mapping[str, str], name: str) -> frozenset[str]:
+    raw = env.get(name, "")
+    items = [part.strip() for part in re.split(r"[,;\s]+", raw) if part.strip()]
+    for item in items:
+        if not is_guid(item):
+            raise ConfigurationError(name, f"{item!r} is not a customer tenant id (GUID)",
+                                     "list customer ids separated by commas")
+    return frozenset(item.lower() for item in items)
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _endpoint(env: Mapping[str, str]) -> str:
+    raw = (env.get("PARTNER_CENTER_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigurationError("PARTNER_CENTER_ENDPOINT", f"{raw!r} is not an http(s) URL",
+                                 f"use {DEFAULT_ENDPOINT}")
+    if parts.scheme == "http" and not is_loopback_url(raw):
+        raise ConfigurationError("PARTNER_CENTER_ENDPOINT", "plain http is allowed only for a loopback sandbox",
+                                 "use https")
+    if raw.endswith("/v1"):
+        raw = raw[: -len("/v1")]
+    return raw
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    endpoint = _endpoint(env)
+    auth_raw = (env.get("PARTNER_CENTER_AUTH") or "app-user").strip().lower()
+    if auth_raw not in ("app-user", "none"):
+        raise ConfigurationError("PARTNER_CENTER_AUTH", f"unknown mode {auth_raw!r}",
+                                 "use app-user (Secure Application Model) or none (loopback sandbox only)")
+    auth: AuthMode = "none" if auth_raw == "none" else "app-user"
+    if auth == "none" and not is_loopback_url(endpoint):
+        raise ConfigurationError("PARTNER_CENTER_AUTH", "none is refused for a non-loopback endpoint "
+                                 f"({urlsplit(endpoint).hostname})", "use app-user")
+    replacement = ReplacementOffers.parse(env.get("REPLACEMENT_OFFERS"))
+    billing_cycle = (env.get("REPLACEMENT_BILLING_CYCLE") or "monthly").strip().lower()
+    if billing_cycle not in ("monthly", "annual", "triennial"):
+        raise ConfigurationError("REPLACEMENT_BILLING_CYCLE", f"{billing_cycle!r} is not a billing cycle",
+                                 "use monthly, annual or triennial")
+    term = (env.get("REPLACEMENT_TERM_DURATION") or "P1Y").strip().upper()
+    if not re.fullmatch(r"P\d+[MY]", term):
+        raise ConfigurationError("REPLACEMENT_TERM_DURATION", f"{term!r} is not an ISO 8601 term", "use P1M or P1Y")
+    table = (env.get("LEDGER_TABLE") or "migrations").strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", table):
+        raise ConfigurationError("LEDGER_TABLE", f"{table!r} is not a valid table name",
+                                 "use 3-63 letters and digits, starting with a letter")
+    authority = (env.get("PARTNER_CENTER_AUTHORITY") or DEFAULT_AUTHORITY).strip().rstrip("/")
+    if urlsplit(authority).scheme != "https" and not is_loopback_url(authority):
+        raise ConfigurationError("PARTNER_CENTER_AUTHORITY", "must be https", f"use {DEFAULT_AUTHORITY}")
+    tenant_id = (env.get("PARTNER_CENTER_TENANT_ID") or "").strip() or None
+    if tenant_id is not None and not is_guid(tenant_id):
+        raise ConfigurationError("PARTNER_CENTER_TENANT_ID", "is not a GUID", "use the partner's Entra tenant id")
+    return Settings(
+        endpoint=endpoint,
+        auth=auth,
+        tenant_id=tenant_id,
+        client_id=(env.get("PARTNER_CENTER_CLIENT_ID") or "").strip() or None,
+        client_secret=env.get("PARTNER_CENTER_CLIENT_SECRET") or None,
+        refresh_token=env.get("PARTNER_CENTER_REFRESH_TOKEN") or None,
+        authority=authority,
+        key_vault_url=(env.get("KEY_VAULT_URL") or "").strip() or None,
+        storage_connection=env.get("AzureWebJobsStorage") or None,
+        storage_queue_uri=env.get("AzureWebJobsStorage__queueServiceUri") or _account_uri(env, "queue"),
+        storage_table_uri=env.get("AzureWebJobsStorage__tableServiceUri") or _account_uri(env, "table"),
+        storage_client_id=env.get("AzureWebJobsStorage__clientId") or None,
+        dry_run=_bool(env, "DRY_RUN", True),
+        expiry_window_days=_int(env, "EXPIRY_WINDOW_DAYS", 60, minimum=1, maximum=3650),
+        replacement_offers=replacement,
+        replacement_billing_cycle=billing_cycle,
+        replacement_term_duration=term,
+        detect_schedule=(env.get("DETECT_SCHEDULE") or DEFAULT_DETECT_SCHEDULE).strip(),
+        retired_offers_extra=env.get("RETIRED_OFFERS_EXTRA") or None,
+        ledger_table=table,
+        provisioning_poll_seconds=_int(env, "PROVISIONING_POLL_SECONDS", 60, minimum=0, maximum=3600),
+        provisioning_timeout_minutes=_int(env, "PROVISIONING_TIMEOUT_MINUTES", 24 * 60, minimum=1),
+        requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
+        license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
+        max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),
+        max_purchases_per_run=_int(env, "MAX_PURCHASES_PER_RUN", 50, minimum=0),
+        customer_allowlist=_guid_set(env, "CUSTOMER_ALLOWLIST"),
+        customer_denylist=_guid_set(env, "CUSTOMER_DENYLIST"),
+        invocation_budget_seconds=_int(env, "INVOCATION_BUDGET_SECONDS", 480, minimum=10),
+    )
+
+
+def _account_uri(env: Mapping[str, str], service: str) -> str | None:
+    account = env.get("AzureWebJobsStorage__accountName")
+    return f"https://{account}.{service}.core.windows.net" if account else None
