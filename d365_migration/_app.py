@@ -1,0 +1,139 @@
+"""Building the service from settings, once per process (per event loop), and running one step for an adapter.
+
+Function folders call :func:`run_detect` and :func:`run_step`; they only translate between the trigger/bindings and
+these plain values. Messages that can never succeed go straight to ``<queue>-poison`` with the reason (no five
+retries); a message that fails on its last allowed delivery marks its record ``failed`` before the host poisons it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ._catalog import RetiredOfferCatalog
+from ._client import PartnerCenterClient, TokenSource
+from ._exceptions import ConfigurationError, InvalidMessageError
+from ._ledger import MigrationLedger
+from ._messages import QUEUE_FOR_STEP, Step, StepMessage
+from ._pipeline import MigrationService
+from ._queues import QueueSender
+from ._settings import Settings
+
+logger = logging.getLogger("d365_migration.app")
+
+_services: dict[int, MigrationService] = {}
+
+
+def storage_clients(settings: Settings) -> tuple[MigrationLedger, QueueSender]:
+    if settings.storage_connection:
+        return (MigrationLedger.from_connection_string(settings.storage_connection, settings.ledger_table),
+                QueueSender.from_connection_string(settings.storage_connection))
+    if settings.storage_queue_uri and settings.storage_table_uri:
+        from azure.identity import DefaultAzureCredential  # heavy; only in Azure
+
+        credential = DefaultAzureCredential(managed_identity_client_id=settings.storage_client_id)
+        return (MigrationLedger.from_endpoint(settings.storage_table_uri, credential, settings.ledger_table),
+                QueueSender.from_endpoint(settings.storage_queue_uri, credential))
+    raise ConfigurationError("AzureWebJobsStorage", "no storage connection is configured",
+                             "set AzureWebJobsStorage (a connection string) or AzureWebJobsStorage__queueServiceUri "
+                             "and __tableServiceUri with a managed identity")
+
+
+def build_credential(settings: Settings) -> TokenSource | None:
+    if settings.auth == "none":
+        return None
+    from ._auth import build_credential as build  # msal is only needed for app-user
+
+    return build(settings)
+
+
+def build_service(settings: Settings, **client_options: Any) -> MigrationService:
+    catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    credential = build_credential(settings)
+    client = PartnerCenterClient(
+        settings.endpoint, credential,
+        requests_per_minute=settings.requests_per_minute,
+        license_requests_per_minute=settings.license_requests_per_minute,
+        max_concurrency=settings.max_concurrency,
+        **client_options,
+    )
+    ledger, queues = storage_clients(settings)
+    return MigrationService(settings, client, ledger, queues, catalog)
+
+
+def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
+    """The process's service for the running event loop (httpx pools are bound to a loop)."""
+    loop_id = id(asyncio.get_running_loop())
+    service = _services.get(loop_id)
+    if service is None:
+        settings = Settings.from_env(env)
+        service = build_service(settings)
+        _services.clear()
+        _services[loop_id] = service
+        logger.info("d365_migration ready: endpoint=%s auth=%s dry_run=%s", settings.endpoint, settings.auth,
+                    settings.dry_run)
+    return service
+
+
+@lru_cache(maxsize=1)
+def max_dequeue_count() -> int:
+    """``extensions.queues.maxDequeueCount`` from host.json next to the function folders (default 5)."""
+    override = os.environ.get("AzureFunctionsJobHost__extensions__queues__maxDequeueCount")
+    if override and override.isdigit():
+        return int(override)
+    host_json = Path(__file__).resolve().parent.parent / "host.json"
+    try:
+        data = json.loads(host_json.read_text(encoding="utf-8"))
+        return int(data["extensions"]["queues"]["maxDequeueCount"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 5
+
+
+@dataclass
+class StepOutputs:
+    """What the adapter writes: messages per target queue, and a poison message for unprocessable input."""
+
+    messages: dict[str, list[str]] = field(default_factory=dict)
+    poison: str | None = None
+
+
+async def run_detect() -> list[str]:
+    service = get_service()
+    report = await service.detect()
+    return report.bodies()
+
+
+async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOutputs:
+    try:
+        message = StepMessage.parse(body, expected_step=step)
+    except InvalidMessageError as exc:
+        logger.error("event=message_poisoned queue=%s reason=%s", QUEUE_FOR_STEP[step], exc)
+        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": QUEUE_FOR_STEP[step],
+                                              "body": body[:4096].decode("utf-8", "replace")}))
+    service = get_service()
+    handler = {"purchase": service.purchase, "reassign": service.reassign, "suspend": service.suspend}[step]
+    try:
+        result = await handler(message)
+    except InvalidMessageError as exc:
+        logger.error("event=message_poisoned queue=%s correlation=%s reason=%s", message.queue,
+                     message.correlation_id, exc)
+        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": message.queue,
+                                              "body": body[:4096].decode("utf-8", "replace")}))
+    except Exception as exc:
+        if (dequeue_count or 1) >= max_dequeue_count():
+            # Last delivery: the host will move the message to <queue>-poison. Say why in the ledger first.
+            logger.error("event=message_poisoned queue=%s correlation=%s after %s deliveries: %s", message.queue,
+                         message.correlation_id, dequeue_count, exc)
+            await service.fail(message, f"{type(exc).__name__}: {exc}")
+        raise
+    outputs = StepOutputs()
+    for nxt in result.next_messages:
+        outputs.messages.setdefault(nxt.queue, []).append(nxt.to_json())
+    return outputs

@@ -1,0 +1,297 @@
+"""The migration ledger: one row per migration in Azure Table Storage (Azurite locally).
+
+PartitionKey is the customer id and RowKey the old subscription id (both lower-case), so one customer's records live
+together. Per-user outcomes of the license step are rows in the same partition (RowKey ``<sub>|user|<user>``).
+
+Every change is an optimistic-concurrency update (``If-Match`` with the entity's ETag): two workers holding the same
+record cannot both win, and a step *claims* a record (a short lease written the same way) before it acts. The ledger
+is what makes retries safe: a step always reads it first and does only what is still missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.data.tables import TableClient, TableServiceClient, UpdateMode
+
+from ._exceptions import ConcurrencyConflict, LedgerError
+
+logger = logging.getLogger("d365_migration.ledger")
+
+STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed")
+FINAL_STATES = frozenset({"completed", "blocked", "failed"})
+_MAX_HISTORY_CHARS = 30_000  # a Table property holds 64 KiB (32 K UTF-16 characters)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_key(customer_id: str, subscription_id: str) -> tuple[str, str]:
+    return customer_id.strip().lower(), subscription_id.strip().lower()
+
+
+def correlation_id_for(customer_id: str, subscription_id: str) -> str:
+    """Stable per migration: every log line and Partner Center call of one record can be joined on it."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "d365-migration:record:" + "/".join(record_key(customer_id,
+                                                                                             subscription_id))))
+
+
+@dataclass
+class MigrationRecord:
+    customer_id: str
+    subscription_id: str
+    state: str = "detected"
+    customer_name: str | None = None
+    offer_id: str | None = None
+    offer_name: str | None = None
+    family: str | None = None
+    audience: str | None = None
+    channel: str | None = None
+    quantity: int = 0
+    commitment_end: str | None = None
+    replacement_offer_id: str | None = None
+    cart_id: str | None = None
+    order_id: str | None = None
+    order_attempted_at: str | None = None
+    purchase_started_at: str | None = None
+    new_subscription_id: str | None = None
+    old_sku_id: str | None = None
+    new_sku_id: str | None = None
+    users_moved: int = 0
+    users_skipped: int = 0
+    users_failed: int = 0
+    reason: str | None = None
+    polls: int = 0
+    lease_owner: str | None = None
+    lease_until: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    etag: str | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return record_key(self.customer_id, self.subscription_id)
+
+    @property
+    def correlation_id(self) -> str:
+        return correlation_id_for(self.customer_id, self.subscription_id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def tag(self) -> str:
+        """A short marker put in the replacement's friendly name, so a purchase can be recognised later."""
+        return "d365mig-" + self.correlation_id.replace("-", "")[:12]
+
+    def transition(self, state: str, event: str, detail: str | None = None, **changes: Any) -> MigrationRecord:
+        """A copy in ``state`` with ``changes`` applied and one history entry appended."""
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        now = utcnow().isoformat()
+        entry: dict[str, Any] = {"at": now, "state": state, "event": event}
+        if detail:
+            entry["detail"] = detail[:500]
+        history = [*self.history, entry]
+        if state in ("blocked", "failed"):
+            changes.setdefault("reason", detail or event)
+        elif "reason" not in changes and state != self.state:
+            changes["reason"] = None
+        return replace(self, state=state, history=history, updated_at=now, **changes)
+
+    # ------------------------------------------------------------------ table entity mapping
+
+    def to_entity(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("etag")
+        history = json.dumps(data.pop("history"), separators=(",", ":"))
+        if len(history) > _MAX_HISTORY_CHARS:
+            # Keep the first entries (how it started) and the latest, and say that some were folded.
+            kept = [*self.history[:5], {"event": "history_truncated"}, *self.history[-50:]]
+            history = json.dumps(kept, separators=(",", ":"))
+        pk, rk = self.key
+        entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": rk, "Kind": "migration", "History": history}
+        for name, value in data.items():
+            if value is not None:
+                entity[_camel(name)] = value
+        return entity
+
+    @classmethod
+    def from_entity(cls, entity: Mapping[str, Any]) -> MigrationRecord:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("history", "etag"):
+                continue
+            value = entity.get(_camel(f.name))
+            if value is not None:
+                kwargs[f.name] = value
+        try:
+            history = json.loads(entity.get("History") or "[]")
+        except json.JSONDecodeError:
+            history = [{"event": "history_unreadable"}]
+        metadata = getattr(entity, "metadata", None) or {}
+        return cls(history=history if isinstance(history, list) else [], etag=metadata.get("etag"), **kwargs)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head[:1].upper() + head[1:] + "".join(p.title() for p in rest)
+
+
+@dataclass(frozen=True)
+class UserOutcome:
+    user_id: str
+    outcome: str  # moved | skipped | failed
+    detail: str | None = None
+    user_principal_name: str | None = None
+
+
+class MigrationLedger:
+    """Async facade over a synchronous ``TableClient`` (each call runs in a worker thread)."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+        self._ready = False
+
+    @classmethod
+    def from_connection_string(cls, connection_string: str, table_name: str = "migrations") -> MigrationLedger:
+        service = TableServiceClient.from_connection_string(connection_string)
+        return cls(service.get_table_client(table_name))
+
+    @classmethod
+    def from_endpoint(cls, table_uri: str, credential: Any, table_name: str = "migrations") -> MigrationLedger:
+        return cls(TableClient(endpoint=table_uri, table_name=table_name, credential=credential))
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError):
+            raise
+        except HttpResponseError as exc:
+            if exc.status_code == 412:
+                raise ResourceModifiedError(message=str(exc)) from exc
+            raise LedgerError(f"ledger call failed: HTTP {exc.status_code} {exc.reason}") from None
+        except AzureError as exc:
+            raise LedgerError(f"ledger unreachable: {type(exc).__name__}") from None
+
+    async def ensure_table(self) -> None:
+        if self._ready:
+            return
+        with contextlib.suppress(ResourceExistsError):
+            await self._run(self._table.create_table)
+        self._ready = True
+
+    async def get(self, customer_id: str, subscription_id: str) -> MigrationRecord | None:
+        await self.ensure_table()
+        pk, rk = record_key(customer_id, subscription_id)
+        try:
+            entity = await self._run(self._table.get_entity, pk, rk)
+        except ResourceNotFoundError:
+            return None
+        return MigrationRecord.from_entity(entity)
+
+    async def create_if_absent(self, record: MigrationRecord) -> tuple[MigrationRecord, bool]:
+        """Insert the record unless one exists for the same key; returns (the stored record, created?)."""
+        await self.ensure_table()
+        now = utcnow().isoformat()
+        if not record.created_at:
+            record = replace(record, created_at=now, updated_at=now,
+                             history=record.history or [{"at": now, "state": record.state, "event": "detected"}])
+        try:
+            metadata = await self._run(self._table.create_entity, record.to_entity())
+        except ResourceExistsError:
+            existing = await self.get(record.customer_id, record.subscription_id)
+            if existing is None:  # deleted in between; extremely unlikely — try once more
+                raise ConcurrencyConflict("record vanished while being created") from None
+            return existing, False
+        return replace(record, etag=metadata.get("etag")), True
+
+    async def save(self, record: MigrationRecord) -> MigrationRecord:
+        """Replace the record if nobody changed it since it was read (ETag); else :class:`ConcurrencyConflict`."""
+        if record.etag is None:
+            raise LedgerError("save() needs a record read from the ledger (it has no ETag)")
+        try:
+            metadata = await self._run(self._table.update_entity, record.to_entity(), mode=UpdateMode.REPLACE,
+                                       etag=record.etag, match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError:
+            raise ConcurrencyConflict(
+                f"record {record.customer_id}/{record.subscription_id} was changed by another worker") from None
+        except ResourceNotFoundError:
+            raise LedgerError(f"record {record.customer_id}/{record.subscription_id} no longer exists") from None
+        return replace(record, etag=metadata.get("etag"))
+
+    async def claim(self, record: MigrationRecord, owner: str, *, lease: timedelta) -> MigrationRecord:
+        """Take a short lease on the record before acting. Raises :class:`ConcurrencyConflict` if another worker
+        holds an unexpired lease, or wins the race to write it."""
+        now = utcnow()
+        if record.lease_owner and record.lease_owner != owner and record.lease_until:
+            until = datetime.fromisoformat(record.lease_until)
+            if until > now:
+                raise ConcurrencyConflict(
+                    f"record {record.customer_id}/{record.subscription_id} is being worked on by another worker "
+                    f"until {until.isoformat()}")
+        return await self.save(replace(record, lease_owner=owner, lease_until=(now + lease).isoformat()))
+
+    async def release(self, record: MigrationRecord) -> MigrationRecord:
+        if record.lease_owner is None:
+            return record
+        return await self.save(replace(record, lease_owner=None, lease_until=None))
+
+    def _iter_records(self, query: str | None) -> Iterator[MigrationRecord]:
+        entities = self._table.query_entities(query) if query else self._table.list_entities()
+        for entity in entities:
+            if entity.get("Kind") == "migration":
+                yield MigrationRecord.from_entity(entity)
+
+    async def list_records(self, *, states: Sequence[str] | None = None) -> list[MigrationRecord]:
+        await self.ensure_table()
+        query = "Kind eq 'migration'"
+        records: list[MigrationRecord] = await self._run(lambda: list(self._iter_records(query)))
+        if states is not None:
+            records = [r for r in records if r.state in states]
+        return sorted(records, key=lambda r: (r.customer_id, r.subscription_id))
+
+    async def record_user(self, record: MigrationRecord, outcome: UserOutcome) -> None:
+        await self.ensure_table()
+        pk, rk = record.key
+        entity = {
+            "PartitionKey": pk,
+            "RowKey": f"{rk}|user|{outcome.user_id.lower()}",
+            "Kind": "user",
+            "UserId": outcome.user_id,
+            "Outcome": outcome.outcome,
+            "Detail": (outcome.detail or "")[:1000],
+            "UserPrincipalName": outcome.user_principal_name or "",
+            "At": utcnow().isoformat(),
+        }
+        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def user_outcomes(self, record: MigrationRecord) -> list[UserOutcome]:
+        await self.ensure_table()
+        pk, rk = record.key
+        query = f"PartitionKey eq '{pk}' and RowKey ge '{rk}|user|' and RowKey lt '{rk}|user|~'"
+        entities = await self._run(lambda: list(self._table.query_entities(query)))
+        return [UserOutcome(user_id=e["UserId"], outcome=e["Outcome"], detail=e.get("Detail") or None,
+                            user_principal_name=e.get("UserPrincipalName") or None) for e in entities]
+
+    def close(self) -> None:
+        self._table.close()

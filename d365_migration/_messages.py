@@ -1,0 +1,85 @@
+"""Queue message schema (version 1) for the purchase → reassign → suspend chain.
+
+A message only names the record (customer id + old subscription id); the ledger holds the state. That keeps messages
+tiny, makes a duplicate delivery harmless, and means a stale message can never carry stale decisions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._exceptions import InvalidMessageError
+from ._settings import is_guid
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 48 * 1024  # 64 KiB after Base64
+Step = Literal["purchase", "reassign", "suspend"]
+STEPS: tuple[Step, ...] = ("purchase", "reassign", "suspend")
+QUEUE_FOR_STEP: dict[Step, str] = {
+    "purchase": "purchase-new",
+    "reassign": "reassign-licenses",
+    "suspend": "suspend-old",
+}
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    step: Step
+    customer_id: str
+    subscription_id: str
+    correlation_id: str
+    poll: int = 0  # how many times this step has re-queued itself to wait (provisioning, resumable work)
+
+    @property
+    def queue(self) -> str:
+        return QUEUE_FOR_STEP[self.step]
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "schemaVersion": SCHEMA_VERSION,
+            "step": self.step,
+            "customerId": self.customer_id,
+            "subscriptionId": self.subscription_id,
+            "correlationId": self.correlation_id,
+            "poll": self.poll,
+        }, separators=(",", ":"))
+
+    def next_poll(self) -> StepMessage:
+        return StepMessage(self.step, self.customer_id, self.subscription_id, self.correlation_id, self.poll + 1)
+
+    @classmethod
+    def parse(cls, body: bytes | str, *, expected_step: Step) -> StepMessage:
+        """Validate a message; anything wrong raises :class:`InvalidMessageError` naming the problem."""
+        raw = body.encode() if isinstance(body, str) else body
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise InvalidMessageError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+        try:
+            data: Any = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidMessageError(f"message is not JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise InvalidMessageError("message is not a JSON object")
+        version = data.get("schemaVersion")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            raise InvalidMessageError(f"unknown schemaVersion {version!r}; this worker reads {SCHEMA_VERSION}")
+        step = data.get("step")
+        if step != expected_step:
+            raise InvalidMessageError(f"message for step {step!r} arrived on the {expected_step} queue")
+        fields: dict[str, str] = {}
+        for key in ("customerId", "subscriptionId", "correlationId"):
+            value = data.get(key)
+            if not isinstance(value, str) or not is_guid(value):
+                raise InvalidMessageError(f"{key} must be a GUID, got {_show(value)}")
+            fields[key] = value.lower()
+        poll = data.get("poll", 0)
+        if not isinstance(poll, int) or isinstance(poll, bool) or poll < 0 or poll > 100_000:
+            raise InvalidMessageError(f"poll must be a non-negative integer, got {_show(poll)}")
+        return cls(step=expected_step, customer_id=fields["customerId"], subscription_id=fields["subscriptionId"],
+                   correlation_id=fields["correlationId"], poll=poll)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,13 @@
+"""Queue purchase-new: buy the replacement (once), wait for it to be active, then queue the license move."""
+
+import azure.functions as func
+
+from d365_migration import run_step
+
+
+async def main(msg: func.QueueMessage, reassign: func.Out[list[str]], poison: func.Out[str]) -> None:
+    outputs = await run_step("purchase", msg.get_body(), msg.dequeue_count)
+    if outputs.poison is not None:
+        poison.set(outputs.poison)
+    if outputs.messages.get("reassign-licenses"):
+        reassign.set(outputs.messages["reassign-licenses"])

@@ -1,0 +1,13 @@
+"""Queue reassign-licenses: move every user from the old product SKU to the new one, then queue the suspension."""
+
+import azure.functions as func
+
+from d365_migration import run_step
+
+
+async def main(msg: func.QueueMessage, suspend: func.Out[list[str]], poison: func.Out[str]) -> None:
+    outputs = await run_step("reassign", msg.get_body(), msg.dequeue_count)
+    if outputs.poison is not None:
+        poison.set(outputs.poison)
+    if outputs.messages.get("suspend-old"):
+        suspend.set(outputs.messages["suspend-old"])

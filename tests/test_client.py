@@ -1,0 +1,345 @@
+"""The Partner Center client: headers, retries with the same MS-RequestId, 429, typed errors, paging, validation.
+
+These use httpx's MockTransport to produce exact wire answers (both error body shapes, HTML pages, truncated JSON,
+resets); the end-to-end tests run the same client against the sandbox over real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from d365_migration import (
+    ClientError,
+    ConflictError,
+    MalformedResponseError,
+    NotFoundError,
+    PartnerCenterClient,
+    PreconditionFailedError,
+    ServerError,
+    TransportError,
+)
+from d365_migration._models import Subscription
+
+CUST = "3f9b2d10-6c2e-4b8f-a1d4-7e5c9a0b2f61"
+SUB = "5f3c1a9e-2b7d-4c1e-9a55-0d2f6e8b1c43"
+SECRET_TOKEN = "eyJ-very-secret-access-token"
+
+
+class FakeToken:
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    async def get_token(self, *, force_refresh: bool = False) -> str:
+        self.calls.append(force_refresh)
+        return SECRET_TOKEN + ("-refreshed" if force_refresh else "")
+
+
+class NoSleep:
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def make_client(handler: Callable[[httpx.Request], httpx.Response], **kw: object) -> tuple[PartnerCenterClient,
+                                                                                          NoSleep]:
+    sleep = NoSleep()
+    options: dict[str, object] = {"requests_per_minute": None, "license_requests_per_minute": None,
+                                  "transport": httpx.MockTransport(handler), "sleep": sleep}
+    options.update(kw)
+    client = PartnerCenterClient("https://pc.test", FakeToken(), **options)  # type: ignore[arg-type]
+    return client, sleep
+
+
+def sub_json(**over: object) -> dict[str, object]:
+    base: dict[str, object] = {"id": SUB, "offerId": "X", "offerName": "Y", "quantity": 5, "status": "active",
+                               "autoRenewEnabled": False, "commitmentEndDate": "2026-12-01T00:00:00Z",
+                               "attributes": {"etag": "abc", "objectType": "Subscription"}}
+    base.update(over)
+    return base
+
+
+async def test_sends_documented_headers() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    h = seen[0].headers
+    assert h["Authorization"] == f"Bearer {SECRET_TOKEN}"
+    assert h["Accept"] == "application/json"
+    assert h["MS-Contract-Version"] == "v1"
+    assert len(h["MS-RequestId"]) == 36 and len(h["MS-CorrelationId"]) == 36
+    assert seen[0].url.path == f"/v1/customers/{CUST}/subscriptions/{SUB}"
+
+
+async def test_5xx_is_retried_with_the_same_request_id_and_new_correlation_id() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) < 3:
+            return httpx.Response(503, json={"code": 800003, "description": "Unexpected", "source": "PartnerFD"})
+        return httpx.Response(200, json=sub_json())
+
+    client, sleep = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    assert len(seen) == 3
+    assert len({r.headers["MS-RequestId"] for r in seen}) == 1
+    assert len({r.headers["MS-CorrelationId"] for r in seen}) == 3
+    assert len(sleep.slept) == 2
+
+
+async def test_timeouts_and_resets_are_retried() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise httpx.ReadTimeout("slow", request=request)
+        if calls == 2:
+            raise httpx.RemoteProtocolError("reset", request=request)
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler)
+    assert (await client.get_subscription(CUST, SUB)).id == SUB
+    assert calls == 3
+
+
+async def test_gives_up_with_a_typed_error() -> None:
+    client, _ = make_client(lambda r: httpx.Response(500, json={"code": 800003, "description": "boom"}),
+                            max_attempts=3)
+    with pytest.raises(ServerError) as info:
+        await client.get_subscription(CUST, SUB)
+    assert info.value.status == 500 and info.value.code == "800003"
+
+
+async def test_429_honours_retry_after() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            body = {"statusCode": 429, "message": "Rate limit is exceeded. Try again in 7 seconds."}
+            return httpx.Response(429, headers={"Retry-After": "7"}, json=body)
+        return httpx.Response(200, json=sub_json())
+
+    client, sleep = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    assert 7.0 in sleep.slept
+    assert client.stats.throttled == 1
+
+
+async def test_429_slows_the_shared_limiter() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return httpx.Response(429, headers={"Retry-After": "3"}, json={"statusCode": 429, "message": "x"})
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler, requests_per_minute=600)
+    limiter = client._limiters["commerce"]
+    assert limiter is not None
+    before = limiter.rate
+    await client.get_subscription(CUST, SUB)
+    assert limiter.rate < before  # the whole client slowed down, not just that request
+    assert limiter.throttle_events == 1
+
+
+async def test_non_idempotent_write_is_not_retried_after_an_ambiguous_failure() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(502, text="<html>bad gateway</html>", headers={"Content-Type": "text/html"})
+
+    client, _ = make_client(handler)
+    with pytest.raises(ServerError) as info:
+        await client.create_order(CUST, "7A1C2E3B-4D5F-4A6B-8C9D-0E1F2A3B4C5D", 3, friendly_name="x",
+                                  billing_cycle="monthly", request_id="11111111-1111-1111-1111-111111111111")
+    assert calls == 1
+    assert getattr(info.value, "maybe_applied", False) is True
+
+
+async def test_connect_error_is_retried_even_for_a_non_idempotent_write() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(201, json={"id": "o1", "status": "pending", "lineItems": []})
+
+    client, _ = make_client(handler)
+    order = await client.create_order(CUST, "7A1C2E3B-4D5F-4A6B-8C9D-0E1F2A3B4C5D", 3, friendly_name="x",
+                                      billing_cycle="monthly", request_id="11111111-1111-1111-1111-111111111111")
+    assert order.id == "o1" and calls == 2
+
+
+async def test_401_refreshes_the_token_once() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["Authorization"])
+        if len(seen) == 1:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    assert seen[1].endswith("-refreshed")
+
+
+@pytest.mark.parametrize("status,body,cls,code", [
+    (400, {"code": 60012, "description": "out of licenses", "data": ["x"], "source": "PartnerFD"}, ClientError,
+     "60012"),
+    (404, {"code": "20003", "description": "Subscription not found", "source": "PartnerFD"}, NotFoundError, "20003"),
+    (409, {"code": 800064, "description": "Cart being processed"}, ConflictError, "800064"),
+    (400, {"code": 2055, "description": "Etag is no longer valid"}, PreconditionFailedError, "2055"),
+    (412, {"code": 412, "description": "Precondition failed"}, PreconditionFailedError, "412"),
+    (403, {"code": 600061, "message": "Agreement exists", "description": "Already", "errorName": "X",
+           "isRetryable": False}, ClientError, "600061"),
+])
+async def test_typed_errors_carry_code_and_description(status: int, body: dict[str, object], cls: type,
+                                                       code: str) -> None:
+    client, _ = make_client(lambda r: httpx.Response(status, json=body))
+    with pytest.raises(cls) as info:
+        await client.get_subscription(CUST, SUB)
+    assert info.value.code == code
+    assert info.value.status == status
+    assert SECRET_TOKEN not in str(info.value)
+
+
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, text="<html><body>Service Unavailable</body></html>", headers={"Content-Type": "text/html"}),
+    httpx.Response(200, text='{"id": "abc", "status": "act', headers={"Content-Type": "application/json"}),
+    httpx.Response(200, json=["not", "an", "object"]),
+    httpx.Response(200, json={"status": "active"}),  # no id
+])
+async def test_broken_responses_raise_malformed(response: httpx.Response) -> None:
+    client, _ = make_client(lambda r: response)
+    with pytest.raises(MalformedResponseError):
+        await client.get_subscription(CUST, SUB)
+
+
+async def test_unknown_status_and_extra_fields_are_tolerated() -> None:
+    pascal = {k[0].upper() + k[1:]: v for k, v in sub_json(status="EXPIRED", id=SUB.upper()).items()}
+    client, _ = make_client(lambda r: httpx.Response(200, json={
+        "totalCount": 3, "items": [sub_json(status="pendingDeletion", newField={"x": 1}), pascal,
+                                   sub_json(status=None)],
+        "attributes": {"objectType": "Collection"}}))
+    subs = await client.list_subscriptions(CUST)
+    assert [s.status for s in subs] == ["pendingdeletion", "expired", "unknown"]
+
+
+@pytest.mark.parametrize("bad", ["../other", "a/b", "", "x" * 200, "abc?x=1", "%2e%2e"])
+async def test_ids_are_validated_before_they_go_into_a_path(bad: str) -> None:
+    client, _ = make_client(lambda r: httpx.Response(200, json=sub_json()))
+    with pytest.raises(ValueError):
+        await client.get_subscription(bad, SUB)
+    with pytest.raises(ValueError):
+        await client.get_subscription(CUST, bad)
+
+
+def _page(ids: list[str], **extra: object) -> dict[str, object]:
+    return {"totalCount": len(ids), "items": [{"id": i, "companyProfile": {"companyName": i}} for i in ids],
+            "attributes": {"objectType": "Collection"}, **extra}
+
+
+async def test_paging_follows_links_next_with_its_header() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        token = request.headers.get("MS-ContinuationToken")
+        if token is None:
+            return httpx.Response(200, json=_page(["a", "b"], links={"next": {
+                "uri": "/customers?size=2&seekOperation=Next", "method": "GET",
+                "headers": [{"key": "MS-ContinuationToken", "value": "T1"},
+                            {"key": "Authorization", "value": "Bearer evil"}]}}))
+        assert token == "T1"
+        return httpx.Response(200, json=_page(["c"]))
+
+    client, _ = make_client(handler)
+    ids = [c.id async for c in client.list_customers(page_size=2)]
+    assert ids == ["a", "b", "c"]
+    assert seen[1].url.path == "/v1/customers"
+    assert seen[1].url.params["seekOperation"] == "Next"
+    assert seen[1].headers["Authorization"] == f"Bearer {SECRET_TOKEN}"  # a response cannot set our auth header
+
+
+async def test_paging_falls_back_to_continuation_token() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("MS-ContinuationToken") == "T1":
+            assert request.url.params["seekOperation"] == "next"
+            return httpx.Response(200, json=_page(["c"]))
+        return httpx.Response(200, json=_page(["a", "b"], continuationToken="T1"))
+
+    client, _ = make_client(handler)
+    assert [c.id async for c in client.list_customers()] == ["a", "b", "c"]
+
+
+async def test_paging_refuses_a_foreign_host_and_a_loop() -> None:
+    client, _ = make_client(lambda r: httpx.Response(200, json=_page(["a"], links={"next": {
+        "uri": "https://evil.example/v1/customers", "headers": []}})))
+    with pytest.raises(MalformedResponseError):
+        _ = [c async for c in client.list_customers()]
+    client, _ = make_client(lambda r: httpx.Response(200, json=_page(["a"], continuationToken="SAME")))
+    with pytest.raises(MalformedResponseError):
+        _ = [c async for c in client.list_customers()]
+
+
+async def test_patch_sends_the_whole_resource_with_if_match() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=sub_json(status="suspended"))
+
+    client, _ = make_client(handler)
+    current = Subscription.parse(sub_json(autoRenewEnabled=False, friendlyName="keep me"))
+    updated = await client.update_subscription(CUST, current, status="suspended",
+                                               request_id="22222222-2222-2222-2222-222222222222")
+    body = json.loads(seen[0].content)
+    assert body["status"] == "suspended"
+    assert body["autoRenewEnabled"] is False and body["friendlyName"] == "keep me" and body["quantity"] == 5
+    assert seen[0].headers["If-Match"] == '"abc"'
+    assert updated.status == "suspended"
+
+
+@given(st.dictionaries(st.sampled_from(["id", "status", "quantity", "autoRenewEnabled", "commitmentEndDate",
+                                        "offerName", "attributes"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=30),
+                                 st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))))
+def test_subscription_parser_only_raises_malformed(data: dict[str, object]) -> None:
+    try:
+        sub = Subscription.parse(data)
+    except MalformedResponseError:
+        return
+    assert sub.id and sub.status == sub.status.lower()
+
+
+async def test_transport_error_after_retries() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    client, _ = make_client(handler, max_attempts=2)
+    with pytest.raises(TransportError):
+        await client.get_subscription(CUST, SUB)
