@@ -1,0 +1,90 @@
+"""The ledger as JSON and as a small HTML page: counts per state, and every record that needs a human."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from ._ledger import STATES, MigrationLedger, MigrationRecord
+
+
+def retry_command(record: MigrationRecord) -> str:
+    return f"python -m d365_migration retry {record.customer_id}/{record.subscription_id}"
+
+
+def status_document(records: Sequence[MigrationRecord], *, dry_run: bool) -> dict[str, Any]:
+    counts = Counter(r.state for r in records)
+    return {
+        "dryRun": dry_run,
+        "total": len(records),
+        "counts": {state: counts.get(state, 0) for state in STATES},
+        "attention": [
+            {"customerId": r.customer_id, "customerName": r.customer_name, "subscriptionId": r.subscription_id,
+             "offerName": r.offer_name, "state": r.state, "reason": r.reason, "updatedAt": r.updated_at,
+             "correlationId": r.correlation_id, "retry": retry_command(r)}
+            for r in records if r.state in ("blocked", "failed")
+        ],
+        "records": [
+            {"customerId": r.customer_id, "customerName": r.customer_name, "subscriptionId": r.subscription_id,
+             "offerName": r.offer_name, "family": r.family, "audience": r.audience, "quantity": r.quantity,
+             "replacementOfferId": r.replacement_offer_id, "newSubscriptionId": r.new_subscription_id,
+             "usersMoved": r.users_moved, "state": r.state, "reason": r.reason, "updatedAt": r.updated_at,
+             "correlationId": r.correlation_id}
+            for r in records
+        ],
+    }
+
+
+async def load_status(ledger: MigrationLedger, *, dry_run: bool) -> dict[str, Any]:
+    return status_document(await ledger.list_records(), dry_run=dry_run)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1b1b1b;background:#fafafa}
+h1{font-size:1.4rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin-top:2rem}
+.banner{padding:.5rem .8rem;border-radius:6px;display:inline-block;margin:.5rem 0}
+.dry{background:#fff4ce;border:1px solid #e0c060}.live{background:#dff6dd;border:1px solid #7fba7a}
+.counts{display:flex;gap:.6rem;flex-wrap:wrap;margin:1rem 0}
+.count{background:#fff;border:1px solid #ddd;border-radius:8px;padding:.6rem .9rem;min-width:6.5rem}
+.count b{display:block;font-size:1.5rem}.count.bad b{color:#b3261e}.count.ok b{color:#107c10}
+table{border-collapse:collapse;width:100%;background:#fff;font-size:.9rem}
+th,td{border:1px solid #e1e1e1;padding:.35rem .5rem;text-align:left;vertical-align:top}
+th{background:#f0f0f0} code{background:#f3f3f3;padding:.1rem .3rem;border-radius:4px;font-size:.85rem}
+.state-failed,.state-blocked{color:#b3261e;font-weight:600}.state-completed{color:#107c10;font-weight:600}
+"""
+
+
+def render_html(doc: dict[str, Any]) -> str:
+    """A readable page; every value is HTML-escaped (offer and customer names come from Partner Center)."""
+    e = escape
+    banner = ('<div class="banner dry">DRY_RUN is on: nothing is bought or changed.</div>' if doc["dryRun"]
+              else '<div class="banner live">Live: purchases, license moves and suspensions are enabled.</div>')
+    cards = []
+    for state, n in doc["counts"].items():
+        cls = "bad" if state in ("failed", "blocked") and n else "ok" if state == "completed" and n else ""
+        cards.append(f'<div class="count {cls}"><b>{n}</b>{e(state)}</div>')
+    attention_rows = "".join(
+        f"<tr><td>{e(a['customerName'] or a['customerId'])}<br><code>{e(a['customerId'])}</code></td>"
+        f"<td>{e(a['offerName'] or '')}<br><code>{e(a['subscriptionId'])}</code></td>"
+        f"<td class='state-{e(a['state'])}'>{e(a['state'])}</td><td>{e(a['reason'] or '')}</td>"
+        f"<td><code>{e(a['retry'])}</code></td></tr>"
+        for a in doc["attention"])
+    attention = (f"<table><tr><th>customer</th><th>old subscription</th><th>state</th><th>reason</th>"
+                 f"<th>after fixing the cause, re-drive with</th></tr>{attention_rows}</table>"
+                 if doc["attention"] else "<p>Nothing needs attention.</p>")
+    record_rows = "".join(
+        f"<tr><td>{e(r['customerName'] or r['customerId'])}</td><td>{e(r['offerName'] or '')}</td>"
+        f"<td>{e(r['audience'] or '')}</td><td>{r['quantity']}</td><td>{e(r['replacementOfferId'] or '—')}</td>"
+        f"<td>{r['usersMoved']}</td><td class='state-{e(r['state'])}'>{e(r['state'])}</td>"
+        f"<td>{e((r['updatedAt'] or '')[:19])}</td></tr>"
+        for r in doc["records"])
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>d365-migration status</title>"
+        f"<style>{_CSS}</style></head><body><h1>d365-migration: Qualified Offer migrations</h1>{banner}"
+        f"<div class='counts'>{''.join(cards)}</div>"
+        f"<h2>Needs attention ({len(doc['attention'])})</h2>{attention}"
+        f"<h2>All migrations ({doc['total']})</h2><table><tr><th>customer</th><th>old offer</th><th>audience</th>"
+        f"<th>qty</th><th>replacement</th><th>users moved</th><th>state</th><th>updated (UTC)</th></tr>"
+        f"{record_rows}</table></body></html>")

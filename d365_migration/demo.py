@@ -1,0 +1,180 @@
+"""``make demo``: Azurite + the Partner Center sandbox + the four functions on the local host, then a report.
+
+The report has one row per migration (customer, old offer, replacement, quantity, users moved, state), then what was
+left untouched and why, then an independent check of the sandbox's final state: every expected migration bought
+once with the right offer and quantity, every user on the new SKU, the old subscription suspended last, and
+nothing else touched. The seeded world includes a user with no usage location, so one customer's migrations block
+on the first pass exactly as they would in production; the demo then fixes that user (as a partner would) and
+re-drives the records with ``retry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from ._ledger import MigrationRecord
+from ._settings import Settings
+
+
+def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
+                 initial_status: dict[str, str]) -> list[str]:
+    """Everything that is wrong with the sandbox's final state; an empty list means the run was exactly right."""
+    from .sandbox import sku_for_offer
+
+    problems: list[str] = []
+    by_key = {(r.customer_id, r.subscription_id): r for r in records}
+    purchases = state.purchases()
+    patches = state.patches()
+    updates = state.license_updates()
+    expected_subs = {em.subscription_id.lower() for em in manifest.expected}
+    expected_customers = {em.customer_id.lower() for em in manifest.expected}
+    for em in manifest.expected:
+        cid, sid = em.customer_id.lower(), em.subscription_id.lower()
+        where = f"{cid}/{sid} ({em.offer_name_as_listed})"
+        record = by_key.get((cid, sid))
+        if record is None:
+            problems.append(f"{where}: no ledger record")
+            continue
+        if record.state != "completed":
+            problems.append(f"{where}: record is {record.state} ({record.reason})")
+        mine = [p for p in purchases if p["customer_id"].lower() == cid and record.tag in (p["friendly_name"] or "")]
+        if len(mine) != 1:
+            problems.append(f"{where}: {len(mine)} purchases for this record (expected exactly 1)")
+        for p in mine:
+            if str(p["offer_id"]).lower() != em.replacement_catalog_item_id.lower():
+                problems.append(f"{where}: bought {p['offer_id']}, expected {em.replacement_catalog_item_id}")
+            if int(p["quantity"]) != em.quantity:
+                problems.append(f"{where}: bought quantity {p['quantity']}, expected {em.quantity}")
+        new_sku = sku_for_offer(em.replacement_catalog_item_id).id.lower()
+        old_sku = em.old_sku_id.lower()
+        for user in state.users(cid):
+            skus = set(state.user_licenses(cid, user["id"]))
+            if old_sku in skus:
+                problems.append(f"{where}: user {user['userPrincipalName']} still holds the old SKU")
+            if user["id"] in em.user_ids and new_sku not in skus:
+                problems.append(f"{where}: user {user['userPrincipalName']} lost the product (no new SKU)")
+        old = state.subscription(cid, sid)
+        if old["status"] != "suspended":
+            problems.append(f"{where}: old subscription is {old['status']}, expected suspended")
+        suspends = [p for p in patches if p["subscription_id"].lower() == sid and p["after_status"] == "suspended"
+                    and p["before_status"] != "suspended"]
+        if len(suspends) > 1:
+            problems.append(f"{where}: suspended {len(suspends)} times")
+        if suspends:
+            t = suspends[0]["time"]
+            provisioned = [p["provisioned_at"] for p in mine if p.get("provisioned_at")]
+            if not provisioned or min(provisioned) > t:
+                problems.append(f"{where}: old subscription suspended before the replacement was active")
+            late = [u for u in updates if u["customer_id"].lower() == cid and old_sku in u["removed"]
+                    and u["time"] > t]
+            if late:
+                problems.append(f"{where}: {len(late)} license move(s) happened after the suspension")
+    for p in patches:
+        if p["subscription_id"].lower() not in expected_subs:
+            problems.append(f"subscription {p['subscription_id']} was changed but is not a migration")
+    tags = {r.tag for r in records}
+    for p in purchases:
+        if p.get("via") != "by_hand" and not any(tag in (p["friendly_name"] or "") for tag in tags):
+            problems.append(f"purchase {p['order_id']} for customer {p['customer_id']} belongs to no migration")
+    for u in updates:
+        if u["customer_id"].lower() not in expected_customers:
+            problems.append(f"licenses of a user of customer {u['customer_id']} were changed; it has no migration")
+    for d in manifest.distractors:
+        now = state.subscription(d.customer_id, d.subscription_id)["status"]
+        if now != initial_status.get(d.subscription_id.lower(), now):
+            problems.append(f"left-alone subscription {d.subscription_id} ({d.reason}) changed to {now}")
+    return problems
+
+
+def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: list[tuple[str, str, str]],
+                  problems: list[str], elapsed: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out, width=170)
+    table = Table(title=f"Migrations ({len(records)})")
+    for col in ("customer", "old offer", "replacement", "qty", "users moved", "state"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(r.customer_name or r.customer_id, r.offer_name or "", r.replacement_offer_id or "—",
+                      str(r.quantity), str(r.users_moved), r.state)
+    console.print(table)
+    lt = Table(title=f"Left untouched ({len(left_alone)})")
+    for col in ("customer", "offer", "why"):
+        lt.add_column(col, overflow="fold")
+    for row in left_alone:
+        lt.add_row(*row)
+    console.print(lt)
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        counts[r.state] += 1
+    console.print(f"states: {dict(counts)}; wall time {elapsed:.1f}s")
+    if problems:
+        console.print(f"[bold red]verification FAILED ({len(problems)} problems)[/bold red]")
+        for p in problems:
+            console.print(f"  - {p}")
+    else:
+        console.print("[bold green]verification passed[/bold green]: every expiring qualified subscription has "
+                      "its replacement (right offer and quantity, bought once), every user is on the new SKU, the "
+                      "old subscription was suspended last, and nothing else was touched.")
+
+
+def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out: TextIO | None = None) -> int:
+    from .cli import _records, _retry, run_pipeline
+    from .localhost import AzuriteProcess
+    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
+
+    out = out or sys.stdout
+    state = SandboxState()
+    manifest = seed_world(state, customers=customers, seed=seed, today=datetime.now(UTC).date())
+    initial = {s["id"].lower(): s["status"] for cid in manifest.customers for s in state.subscriptions(cid)}
+    started = time.monotonic()
+    out.write(f"Seeded {customers} customers: {len(manifest.expected)} expiring qualified subscriptions, "
+              f"{len(manifest.distractors)} that must be left alone.\n")
+    with AzuriteProcess() as azurite, SandboxServer(state, SandboxConfig(provisioning_delay_s=2.0)) as sandbox:
+        env = {
+            "PARTNER_CENTER_ENDPOINT": sandbox.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "false",
+            "REPLACEMENT_OFFERS": json.dumps(DEMO_REPLACEMENT_OFFERS), "AzureWebJobsStorage": azurite.connection_string,
+            "PROVISIONING_POLL_SECONDS": "2", "DETECT_SCHEDULE": "0 0 6 * * *", "EXPIRY_WINDOW_DAYS": "60",
+            "MAX_PURCHASES_PER_RUN": "1000",
+            # the sandbox has no rate limit unless told; pace at a generous local budget
+            "PARTNER_CENTER_REQUESTS_PER_MINUTE": "6000", "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": "6000",
+        }
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            settings = Settings.from_env()
+            out.write(f"Sandbox at {sandbox.url}; Azurite on 127.0.0.1. Running detect → purchase → reassign → "
+                      "suspend through the local host…\n")
+            asyncio.run(run_pipeline(settings, env, timeout=timeout))
+            records = asyncio.run(_records(settings))
+            blocked = [r for r in records if r.state == "blocked" and "usage location" in (r.reason or "")]
+            if blocked:
+                out.write(f"\n{len(blocked)} migration(s) blocked: a user has no usage location, so their license "
+                          "could not be moved and the old subscription was kept active. Fixing the user (as the "
+                          "partner would) and re-driving with `python -m d365_migration retry`…\n")
+                for cid, uid in manifest.users_without_usage_location:
+                    state.set_usage_location(cid, uid, "US")
+                for r in blocked:
+                    asyncio.run(_retry(settings, f"{r.customer_id}/{r.subscription_id}", out))
+                asyncio.run(run_pipeline(settings, env, timeout=timeout))
+                records = asyncio.run(_records(settings))
+            problems = verify_world(state, manifest, records, initial)
+            left = [(d.customer_id, d.offer_name, d.reason) for d in manifest.distractors]
+            out.write("\n")
+            _print_report(out, records, left, problems, time.monotonic() - started)
+        finally:
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return 1 if problems else 0

@@ -1,0 +1,449 @@
+"""The ASGI app: Partner Center routes (Starlette) wrapped in an outer layer for headers, auth, throttling, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+from starlette.types import Message, Receive, Scope, Send
+
+from ._catalog import product_mapping
+from ._config import SandboxConfig
+from ._faults import SlidingWindow, is_app_only
+from ._state import ApiError, SandboxState, link
+
+JSON_CT = "application/json; charset=utf-8"
+DEFAULT_PAGE = 100
+MAX_PAGE = 500
+WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type=JSON_CT, headers=headers)
+
+
+def _collection(items: list[dict[str, Any]], self_uri: str) -> dict[str, Any]:
+    return {
+        "totalCount": len(items),
+        "items": items,
+        "links": {"self": link(self_uri)},
+        "attributes": {"objectType": "Collection"},
+    }
+
+
+def _query(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.query_params.items()}
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ApiError(400, 800002, "Invalid request input: the body is not valid JSON.") from None
+
+
+def _page_size(q: dict[str, str]) -> int:
+    raw = q.get("size")
+    if raw is None or raw == "":
+        return DEFAULT_PAGE
+    try:
+        size = int(raw)
+    except ValueError:
+        raise ApiError(400, 800002, f"Invalid request input: size {raw!r} is not a number.") from None
+    if size < 0:
+        raise ApiError(400, 800002, "Invalid request input: size must not be negative.")
+    return min(size or DEFAULT_PAGE, MAX_PAGE)
+
+
+def _paged(
+    state: SandboxState, request: Request, kind: str, base_uri: str,
+    fetch: Callable[[int, int], tuple[list[dict[str, Any]], int | None]],
+) -> dict[str, Any]:
+    q = _query(request)
+    size = _page_size(q)
+    seek = q.get("seekoperation")
+    token = request.headers.get("ms-continuationtoken")
+    offset = 0
+    if seek is not None and seek.lower() not in ("next", "first"):
+        raise ApiError(400, 800002, f"Invalid request input: seekOperation {seek!r} is not supported.")
+    if seek is not None and seek.lower() == "next":
+        if not token:
+            raise ApiError(400, 800002, "Invalid request input: MS-ContinuationToken header is required.")
+        offset = state.read_token(kind, token)
+    elif token and seek is None:
+        offset = state.read_token(kind, token)
+    items, nxt = fetch(offset, size)
+    out = _collection(items, f"{base_uri}?size={size}")
+    if nxt is not None:
+        tok = state.make_token(kind, nxt)
+        out["links"]["next"] = link(
+            f"{base_uri}?size={size}&seekOperation=Next", headers=[{"key": "MS-ContinuationToken", "value": tok}]
+        )
+        out["continuationToken"] = tok
+    return out
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _api(fn: Callable[[Request], Awaitable[Response]]) -> Endpoint:
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except ApiError as err:
+            return _json(err.status, err.body())
+
+    return wrapper
+
+
+def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
+    def p(request: Request, name: str) -> str:
+        return str(request.path_params[name])
+
+    async def customers(request: Request) -> Response:
+        return _json(200, _paged(state, request, "customers", "/customers", state.list_customers))
+
+    async def customer(request: Request) -> Response:
+        return _json(200, state.customer_json(p(request, "cid")))
+
+    async def subscriptions(request: Request) -> Response:
+        cid = p(request, "cid")
+        order_id = _query(request).get("order_id")
+        items = state.subscriptions_json(cid, order_id)
+        uri = f"/customers/{cid}/subscriptions" + (f"?order_id={order_id}" if order_id else "")
+        return _json(200, _collection(items, uri))
+
+    async def subscription(request: Request) -> Response:
+        return _json(200, state.subscription_json(p(request, "cid"), p(request, "sid")))
+
+    async def patch_subscription(request: Request) -> Response:
+        body = await _body(request)
+        sub = state.patch_subscription(p(request, "cid"), p(request, "sid"), body, request.headers.get("if-match"))
+        return _json(200, sub)
+
+    async def provisioning(request: Request) -> Response:
+        return _json(200, state.provisioning_status(p(request, "cid"), p(request, "sid")))
+
+    async def orders(request: Request) -> Response:
+        cid = p(request, "cid")
+        if request.method == "POST":
+            return _json(201, state.create_order(cid, await _body(request)))
+        return _json(200, _collection(state.orders_json(cid), f"/customers/{cid}/orders"))
+
+    async def order(request: Request) -> Response:
+        return _json(200, state.order_json(p(request, "cid"), p(request, "oid")))
+
+    async def order_provisioning(request: Request) -> Response:
+        cid, oid = p(request, "cid"), p(request, "oid")
+        items = state.order_provisioning_status(cid, oid)
+        return _json(200, _collection(items, f"/customers/{cid}/orders/{oid}/provisioningstatus"))
+
+    async def carts(request: Request) -> Response:
+        return _json(201, state.create_cart(p(request, "cid"), await _body(request)))
+
+    async def cart(request: Request) -> Response:
+        cid, cart_id = p(request, "cid"), p(request, "cart")
+        if request.method == "PUT":
+            return _json(200, state.update_cart(cid, cart_id, await _body(request)))
+        return _json(200, state.cart_json(cid, cart_id))
+
+    async def checkout(request: Request) -> Response:
+        cid = p(request, "cid")
+        cart_obj, replay = state.begin_checkout(cid, p(request, "cart"))
+        if replay is not None:
+            return _json(201, state.replay_checkout(cid, replay))
+        try:
+            if config.checkout_duration_s > 0:
+                await asyncio.sleep(float(config.checkout_duration_s))
+        except BaseException:
+            cart_obj.processing = False
+            raise
+        return _json(201, state.finish_checkout(cid, cart_obj))
+
+    async def users(request: Request) -> Response:
+        cid = p(request, "cid")
+        state.customer_json(cid)  # 404 for unknown customers
+        return _json(200, _paged(state, request, f"users:{cid.lower()}", f"/customers/{cid}/users",
+                                 lambda o, s: state.list_users(cid, o, s)))
+
+    async def user(request: Request) -> Response:
+        return _json(200, state.user_json(p(request, "cid"), p(request, "uid")))
+
+    async def licenses(request: Request) -> Response:
+        cid, uid = p(request, "cid"), p(request, "uid")
+        items = state.user_licenses_json(cid, uid)
+        return _json(200, _collection(items, f"/customers/{cid}/users/{uid}/licenses"))
+
+    async def license_updates(request: Request) -> Response:
+        return _json(201, state.license_update(p(request, "cid"), p(request, "uid"), await _body(request)))
+
+    async def subscribed_skus(request: Request) -> Response:
+        cid = p(request, "cid")
+        return _json(200, _collection(state.subscribed_skus_json(cid), f"/customers/{cid}/subscribedskus"))
+
+    base = "/v1/customers/{cid}"
+    return [
+        Route("/v1/customers", _api(customers), methods=["GET"]),
+        Route(base, _api(customer), methods=["GET"]),
+        Route(f"{base}/subscriptions", _api(subscriptions), methods=["GET"]),
+        Route(f"{base}/subscriptions/{{sid}}", _api(subscription), methods=["GET"]),
+        Route(f"{base}/subscriptions/{{sid}}", _api(patch_subscription), methods=["PATCH"]),
+        Route(f"{base}/subscriptions/{{sid}}/provisioningstatus", _api(provisioning), methods=["GET"]),
+        Route(f"{base}/orders", _api(orders), methods=["GET", "POST"]),
+        Route(f"{base}/orders/{{oid}}", _api(order), methods=["GET"]),
+        Route(f"{base}/orders/{{oid}}/provisioningstatus", _api(order_provisioning), methods=["GET"]),
+        Route(f"{base}/carts", _api(carts), methods=["POST"]),
+        Route(f"{base}/carts/{{cart}}", _api(cart), methods=["GET", "PUT"]),
+        Route(f"{base}/carts/{{cart}}/checkout", _api(checkout), methods=["POST"]),
+        Route(f"{base}/users", _api(users), methods=["GET"]),
+        Route(f"{base}/users/{{uid}}", _api(user), methods=["GET"]),
+        Route(f"{base}/users/{{uid}}/licenses", _api(licenses), methods=["GET"]),
+        Route(f"{base}/users/{{uid}}/licenseupdates", _api(license_updates), methods=["POST"]),
+        Route(f"{base}/subscribedskus", _api(subscribed_skus), methods=["GET"]),
+    ]
+
+
+def _admin_routes(app: SandboxApp) -> list[Route]:
+    state, config = app.state, app.config
+
+    async def get_state(request: Request) -> Response:
+        return _json(200, state.snapshot())
+
+    async def get_config(request: Request) -> Response:
+        return _json(200, config.to_json())
+
+    async def post_config(request: Request) -> Response:
+        try:
+            patch = json.loads(await request.body() or b"{}")
+            if not isinstance(patch, dict):
+                raise ValueError("config patch must be an object")
+            config.apply_patch(patch)
+        except (ValueError, TypeError) as exc:
+            return _json(400, {"error": str(exc)})
+        return _json(200, config.to_json())
+
+    async def get_requests(request: Request) -> Response:
+        return _json(200, {"items": state.requests()})
+
+    async def reset(request: Request) -> Response:
+        raw = await request.body()
+        params = json.loads(raw) if raw.strip() else {}
+        state.reset(customers=params.get("customers"), seed=params.get("seed"))
+        app.general.clear()
+        app.license.clear()
+        return _json(200, {"ok": True, "customers": len(state.customer_ids())})
+
+    async def catalog(request: Request) -> Response:
+        return _json(200, product_mapping())
+
+    async def manifest(request: Request) -> Response:
+        m = getattr(state, "manifest", None)
+        return _json(200, m.to_json() if m is not None else None)
+
+    return [
+        Route("/_sandbox/state", get_state, methods=["GET"]),
+        Route("/_sandbox/config", get_config, methods=["GET"]),
+        Route("/_sandbox/config", post_config, methods=["POST"]),
+        Route("/_sandbox/requests", get_requests, methods=["GET"]),
+        Route("/_sandbox/reset", reset, methods=["POST"]),
+        Route("/_sandbox/catalog", catalog, methods=["GET"]),
+        Route("/_sandbox/manifest", manifest, methods=["GET"]),
+    ]
+
+
+class SandboxApp:
+    """Outer ASGI layer.
+
+    Order per request: latency -> auth -> throttle -> pre-faults -> dedupe -> route -> post-faults.
+    """
+
+    def __init__(self, state: SandboxState, config: SandboxConfig) -> None:
+        self.state = state
+        self.config = config
+        state.config = config
+        self.general = SlidingWindow()
+        self.license = SlidingWindow()
+        self.router = Router(routes=_partner_routes(state, config))
+        self.admin = Router(routes=_admin_routes(self))
+        self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        await self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("ms-requestid") or str(uuid.uuid4())
+        correlation_id = headers.get("ms-correlationid") or str(uuid.uuid4())
+        started = time.time()
+        echo = [
+            (b"ms-requestid", request_id.encode()),
+            (b"ms-correlationid", correlation_id.encode()),
+            (b"ms-cv", (secrets.token_urlsafe(16) + ".0").encode()),
+            (b"ms-serverid", self.server_id.encode()),
+        ]
+        log: dict[str, Any] = {
+            "method": method, "path": path, "query": scope.get("query_string", b"").decode("latin-1"),
+            "requestId": request_id, "correlationId": correlation_id, "time": started, "status": None,
+            "fault": None,
+        }
+
+        async def replay_body() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def respond(status: int, payload: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+            hdrs = [(b"content-type", JSON_CT.encode()), (b"content-length", str(len(payload)).encode())]
+            hdrs += echo + (extra or [])
+            await send({"type": "http.response.start", "status": status, "headers": hdrs})
+            await send({"type": "http.response.body", "body": payload})
+            log["status"] = status
+
+        async def drop() -> None:
+            # Start a response, then return without a body: uvicorn closes the connection mid-response.
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-length", b"4096"), (b"content-type", JSON_CT.encode())]})
+            log["status"] = 0
+
+        def err(status: int, code: int, description: str) -> bytes:
+            return json.dumps(ApiError(status, code, description).body()).encode()
+
+        if path.startswith("/_sandbox/"):
+            await self.admin(scope, replay_body, send)
+            return
+        cfg, faults = self.config, self.config.faults
+        try:
+            if cfg.latency_ms:
+                await asyncio.sleep(float(cfg.latency_ms) / 1000.0)
+            segments = [s.lower() for s in path.strip("/").split("/")]
+            if not segments or segments[0] != "v1":
+                await respond(404, err(404, 1000, f"Resource {path} not found."))
+                return
+            is_license_route = len(segments) >= 4 and segments[1] == "customers" and segments[3] in (
+                "users", "subscribedskus")
+            app_user_only = is_license_route or segments[-1] == "provisioningstatus"
+            # --- auth
+            if cfg.require_auth:
+                auth = headers.get("authorization", "")
+                if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+                    await respond(401, err(401, 800001, "Partner Token missing in request context."),
+                                  [(b"www-authenticate", b'Bearer error="invalid_token"')])
+                    return
+                if app_user_only and is_app_only(auth[7:].strip()):
+                    if segments[-1] == "licenseupdates":
+                        await respond(400, err(400, 900316, "Partner token is not allowed in license management "
+                                                            "calls. Please call with Partner Access Token."))
+                    else:
+                        await respond(403, err(403, 900329,
+                                               "This resource does not support application-only authentication."))
+                    return
+            # --- throttling
+            window, limit = (
+                (self.license, cfg.license_requests_per_minute) if is_license_route
+                else (self.general, cfg.requests_per_minute)
+            )
+            retry_after = window.hit(time.monotonic(), limit)
+            if retry_after is not None:
+                payload = {"statusCode": 429, "message": f"Rate limit is exceeded. Try again in {retry_after} seconds."}
+                await respond(429, json.dumps(payload).encode(), [(b"retry-after", str(retry_after).encode())])
+                return
+            # --- pre-action faults
+            rng = faults.rng
+            if faults.reset_rate and rng.random() < faults.reset_rate:
+                log["fault"] = "reset"
+                await drop()
+                return
+            if faults.timeout_rate and rng.random() < faults.timeout_rate:
+                log["fault"] = "timeout"
+                await asyncio.sleep(float(faults.timeout_s))
+            if faults.error_rate and rng.random() < faults.error_rate:
+                log["fault"] = "error"
+                if rng.random() < 0.5:
+                    await respond(500, err(500, 800003, "Unexpected service error."))
+                else:
+                    await respond(503, err(503, 800003, "The service is temporarily unavailable. Try again later."))
+                return
+            # --- MS-RequestId dedupe (undocumented in the real service; opt-in)
+            if cfg.dedupe_request_ids and method == "POST" and headers.get("ms-requestid"):
+                stored = self.state.dedupe_get(request_id)
+                if stored is not None:
+                    log["fault"] = "dedupe-replay"
+                    await respond(stored[0], stored[1], stored[2])
+                    return
+            # --- route
+            self.state.tick()
+            inner_scope = dict(scope)
+            inner_scope["path"] = "/" + "/".join(segments)
+            inner_scope["raw_path"] = inner_scope["path"].encode()
+            captured: dict[str, Any] = {"status": 500, "headers": [], "body": b""}
+
+            async def capture(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    captured["status"] = message["status"]
+                    captured["headers"] = [
+                        (k, v) for k, v in message.get("headers", [])
+                        if k.lower() not in (b"content-length", b"content-type")
+                    ]
+                elif message["type"] == "http.response.body":
+                    captured["body"] += message.get("body", b"")
+
+            await self.router(inner_scope, replay_body, capture)
+            status, resp_body, resp_headers = captured["status"], captured["body"], captured["headers"]
+            if status == 404 and not resp_body.strip().startswith(b"{"):
+                resp_body = err(404, 1000, f"Resource {path} not found.")
+            elif status == 405:
+                resp_body = err(405, 1000, f"Method {method} not allowed on {path}.")
+            if cfg.dedupe_request_ids and method == "POST" and headers.get("ms-requestid") and status < 500:
+                self.state.dedupe_put(request_id, (status, resp_body, resp_headers))
+            # --- post-action faults (the write was applied; the client never learns the result)
+            if method in WRITE_METHODS and status < 400:
+                lose = False
+                if faults.lose_first_write_response:
+                    key = hashlib.sha256(method.encode() + inner_scope["path"].encode() + b"\n" + body).hexdigest()
+                    lose = self.state.first_time_write(key)
+                if not lose and faults.lose_response_rate and rng.random() < faults.lose_response_rate:
+                    lose = True
+                if lose:
+                    log["fault"] = f"lost-response:{status}"
+                    if rng.random() < 0.5:
+                        await respond(500, err(500, 800003, "Unexpected service error."))
+                    else:
+                        await drop()
+                    return
+            await respond(status, resp_body, resp_headers)
+        finally:
+            log["duration_ms"] = round((time.time() - started) * 1000, 2)
+            self.state.log_request(log)
+
+
+def create_app(state: SandboxState, config: SandboxConfig | None = None) -> SandboxApp:
+    """The sandbox ASGI app serving Partner Center `/v1/...` routes plus `/_sandbox/...` admin routes."""
+    return SandboxApp(state, config or SandboxConfig())

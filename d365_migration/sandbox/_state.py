@@ -1,0 +1,1024 @@
+"""In-memory Partner Center world: customers, subscriptions, orders, carts, users, licenses.
+
+All reads and writes go through `SandboxState` under one re-entrant lock, so tests may read state from another
+thread while the server runs. Every applied write is appended to the event log.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ._catalog import ALL_SKUS, CatalogItem, ProductSku, catalog_item
+from ._config import SandboxConfig
+
+KNOWN_PATCH_STATUSES = {"active", "suspended", "deleted"}
+
+
+class ApiError(Exception):
+    """A Partner Center error: HTTP status + `{"code", "description", "data", "source": "PartnerFD"}`."""
+
+    def __init__(self, status: int, code: int, description: str, data: list[Any] | None = None) -> None:
+        super().__init__(f"{status} {code} {description}")
+        self.status = status
+        self.code = code
+        self.description = description
+        self.data = data or []
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "description": self.description, "data": self.data, "source": "PartnerFD"}
+
+
+def iso(ts: float) -> str:
+    dt = datetime.fromtimestamp(ts, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def iso_day(d: datetime) -> str:
+    return d.strftime("%Y-%m-%dT00:00:00Z")
+
+
+def link(uri: str, method: str = "GET", headers: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {"uri": uri, "method": method, "headers": headers or []}
+
+
+def ci_get(obj: Any, key: str, default: Any = None) -> Any:
+    """Case-insensitive dict lookup (request bodies may be PascalCase)."""
+    if not isinstance(obj, dict):
+        return default
+    if key in obj:
+        return obj[key]
+    low = key.lower()
+    for k, v in obj.items():
+        if isinstance(k, str) and k.lower() == low:
+            return v
+    return default
+
+
+def ci_has(obj: Any, key: str) -> bool:
+    return isinstance(obj, dict) and any(isinstance(k, str) and k.lower() == key.lower() for k in obj)
+
+
+@dataclass(slots=True)
+class User:
+    id: str
+    user_principal_name: str
+    display_name: str
+    first_name: str
+    last_name: str
+    usage_location: str | None
+    skus: list[str] = field(default_factory=list)  # lower-case product SKU ids
+
+    def to_json(self, customer_id: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "userPrincipalName": self.user_principal_name,
+            "firstName": self.first_name,
+            "lastName": self.last_name,
+            "displayName": self.display_name,
+            "usageLocation": self.usage_location,
+            "userDomainType": "none",
+            "state": "active",
+            "links": {"self": link(f"/customers/{customer_id}/users/{self.id}")},
+            "attributes": {"objectType": "CustomerUser"},
+        }
+
+
+@dataclass(slots=True)
+class Subscription:
+    id: str
+    offer_id: str
+    offer_name: str
+    friendly_name: str
+    quantity: int
+    status: str
+    auto_renew: bool
+    commitment_end: str  # ISO date-time string
+    creation: float
+    effective_start: str
+    order_id: str
+    sku_id: str  # lower-case
+    is_nce: bool
+    billing_cycle: str = "annual"
+    term_duration: str | None = None
+    etag_version: int = 1
+    provisioned_at: float = 0.0
+    listed_at: float = 0.0
+
+    def etag(self) -> str:
+        raw = json.dumps({"id": self.id, "version": self.etag_version}, separators=(",", ":"))
+        return base64.b64encode(raw.encode()).decode()
+
+    def to_json(self, customer_id: str) -> dict[str, Any]:
+        base = f"/customers/{customer_id}/subscriptions/{self.id}"
+        out: dict[str, Any] = {
+            "id": self.id,
+            "entitlementId": self.id,
+            "offerId": self.offer_id,
+            "offerName": self.offer_name,
+            "friendlyName": self.friendly_name,
+            "quantity": self.quantity,
+            "unitType": "Licenses",
+            "hasPurchasableAddons": False,
+            "creationDate": iso(self.creation),
+            "effectiveStartDate": self.effective_start,
+            "commitmentEndDate": self.commitment_end,
+            "status": self.status,
+            "autoRenewEnabled": self.auto_renew,
+            "isTrial": False,
+            "billingType": "license",
+            "billingCycle": self.billing_cycle,
+            "isMicrosoftProduct": True,
+            "partnerId": "",
+            "contractType": "subscription",
+            "actions": ["Cancel", "Edit"] if self.status == "active" else [],
+            "attentionNeeded": False,
+            "actionTaken": False,
+            "orderId": self.order_id,
+            "suspensionReasons": ["CustomerCancellation"] if self.status == "suspended" else [],
+        }
+        if self.is_nce:
+            product_id, sku_id, availability_id = [*self.offer_id.split(":"), "", ""][:3]
+            out["productType"] = {"id": "OnlineServicesNCE", "displayName": "OnlineServicesNCE"}
+            out["termDuration"] = self.term_duration or "P1Y"
+            out["renewalTermDuration"] = self.term_duration or "P1Y" if self.auto_renew else ""
+            out["commitmentEndDateTime"] = self.commitment_end.replace("T00:00:00Z", "T23:59:59Z")
+            out["cancellationAllowedUntilDate"] = iso(self.creation + 7 * 86400)
+            out["refundOptions"] = []
+            out["links"] = {
+                "product": link(f"/products/{product_id}?country=US"),
+                "sku": link(f"/products/{product_id}/skus/{sku_id}?country=US"),
+                "availability": link(
+                    f"/products/{product_id}/skus/{sku_id}/availabilities/{availability_id}?country=US"
+                ),
+                "self": link(base),
+            }
+        else:
+            if self.term_duration:
+                out["termDuration"] = self.term_duration
+            out["links"] = {"offer": link(f"/offers/{self.offer_id}?country=US"), "self": link(base)}
+        out["attributes"] = {"etag": self.etag(), "objectType": "Subscription"}
+        return out
+
+
+@dataclass(slots=True)
+class Order:
+    id: str
+    customer_id: str
+    billing_cycle: str
+    line_items: list[dict[str, Any]]  # lineItemNumber, offerId, quantity, friendlyName, termDuration, subscriptionId
+    creation: float
+    ready_at: float
+    is_nce: bool
+    cart_id: str | None = None
+    status: str = "pending"
+
+    def to_json(self) -> dict[str, Any]:
+        base = f"/customers/{self.customer_id}/orders/{self.id}"
+        items = []
+        for li in self.line_items:
+            item: dict[str, Any] = {
+                "lineItemNumber": li["lineItemNumber"],
+                "offerId": li["offerId"],
+                "quantity": li["quantity"],
+                "friendlyName": li["friendlyName"],
+                "partnerIdOnRecord": "",
+            }
+            if li.get("termDuration"):
+                item["termDuration"] = li["termDuration"]
+            links: dict[str, Any] = {}
+            if li.get("subscriptionId"):
+                sid = li["subscriptionId"]
+                item["subscriptionId"] = sid
+                links["subscription"] = link(f"/customers/{self.customer_id}/subscriptions/{sid}")
+                links["provisioningStatus"] = link(
+                    f"/customers/{self.customer_id}/subscriptions/{sid}/provisioningstatus"
+                )
+            item["links"] = links
+            items.append(item)
+        return {
+            "id": self.id,
+            "alternateId": self.id.replace("-", "")[:12],
+            "referenceCustomerId": self.customer_id,
+            "billingCycle": self.billing_cycle,
+            "currencyCode": "USD",
+            "currencySymbol": "$",
+            "lineItems": items,
+            "creationDate": iso(self.creation),
+            "status": self.status,
+            "transactionType": "UserPurchase",
+            "links": {
+                "self": link(base),
+                "provisioningStatus": link(f"{base}/provisioningstatus"),
+            },
+            "attributes": {"objectType": "Order"},
+        }
+
+
+@dataclass(slots=True)
+class Cart:
+    id: str
+    customer_id: str
+    line_items: list[dict[str, Any]]
+    creation: float
+    modified: float
+    status: str = "Active"
+    processing: bool = False
+    checkout_result: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "creationTimestamp": iso(self.creation),
+            "lastModifiedTimestamp": iso(self.modified),
+            "expirationTimestamp": iso(self.creation + 7 * 86400),
+            "lastModifiedUser": "sandbox-agent@sandboxpartner.onmicrosoft.com",
+            "lineItems": copy.deepcopy(self.line_items),
+            "status": self.status,
+            "links": {"self": link(f"/customers/{self.customer_id}/carts/{self.id}")},
+            "attributes": {"objectType": "Cart"},
+        }
+
+
+@dataclass(slots=True)
+class Customer:
+    id: str
+    domain: str
+    company_name: str
+    users: dict[str, User] = field(default_factory=dict)  # key: lower-case id
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    orders: dict[str, Order] = field(default_factory=dict)
+    carts: dict[str, Cart] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "commerceId": self.id,
+            "companyProfile": {
+                "tenantId": self.id,
+                "domain": self.domain,
+                "companyName": self.company_name,
+                "links": {"self": link(f"/customers/{self.id}/profiles/company")},
+                "attributes": {"objectType": "CustomerCompanyProfile"},
+            },
+            "relationshipToPartner": "reseller",
+            "allowDelegatedAccess": True,
+            "links": {"self": link(f"/customers/{self.id}")},
+            "attributes": {"objectType": "Customer"},
+        }
+
+
+def _new_guid() -> str:
+    return str(uuid.uuid4())
+
+
+class SandboxState:
+    """All sandbox data plus logs. Thread-safe (one RLock)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.config = SandboxConfig()
+        self._secret = secrets.token_hex(8)
+        self._seed_params: dict[str, Any] | None = None
+        self.manifest: Any = None  # the SeedManifest of the last seed_world()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._customers: dict[str, Customer] = {}
+        self._customer_ids: list[str] = []
+        self._pending: list[Order] = []
+        self._events: list[dict[str, Any]] = []
+        self._requests: list[dict[str, Any]] = []
+        self._purchases: list[dict[str, Any]] = []
+        self._license_updates: list[dict[str, Any]] = []
+        self._patches: list[dict[str, Any]] = []
+        self._dedupe: dict[str, tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
+        self._seen_writes: set[str] = set()
+
+    # ------------------------------------------------------------------ building (seed / by hand)
+    def add_customer(self, customer_id: str, domain: str, company_name: str) -> Customer:
+        with self.lock:
+            c = Customer(customer_id, domain, company_name)
+            self._customers[customer_id.lower()] = c
+            self._customer_ids.append(customer_id.lower())
+            return c
+
+    def add_user(
+        self, customer_id: str, user_id: str, upn: str, first: str, last: str, usage_location: str | None,
+        skus: list[str] | None = None,
+    ) -> User:
+        with self.lock:
+            c = self._customer(customer_id)
+            u = User(user_id, upn, f"{first} {last}", first, last, usage_location, [s.lower() for s in skus or []])
+            c.users[user_id.lower()] = u
+            return u
+
+    def add_subscription(
+        self, customer_id: str, *, offer: CatalogItem, subscription_id: str | None = None, quantity: int,
+        status: str = "active", auto_renew: bool = False, commitment_end: str, friendly_name: str = "",
+        offer_name: str | None = None, offer_id: str | None = None, order_id: str | None = None,
+        creation: float | None = None, billing_cycle: str | None = None,
+    ) -> Subscription:
+        with self.lock:
+            c = self._customer(customer_id)
+            now = self.clock()
+            created = creation if creation is not None else now - 400 * 86400
+            sid = subscription_id or _new_guid()
+            sub = Subscription(
+                id=sid,
+                offer_id=offer_id or offer.id,
+                offer_name=offer_name if offer_name is not None else offer.name,
+                friendly_name=friendly_name,
+                quantity=quantity,
+                status=status,
+                auto_renew=auto_renew,
+                commitment_end=commitment_end,
+                creation=created,
+                effective_start=iso_day(datetime.fromtimestamp(created, tz=UTC)),
+                order_id=order_id or (secrets.token_hex(6) if offer.is_nce else _new_guid().upper()),
+                sku_id=offer.sku.id.lower(),
+                is_nce=offer.is_nce,
+                billing_cycle=billing_cycle or ("monthly" if offer.is_nce else "annual"),
+                term_duration=offer.term_duration,
+                provisioned_at=created,
+                listed_at=created,
+            )
+            c.subscriptions[sid.lower()] = sub
+            return sub
+
+    # ------------------------------------------------------------------ helpers
+    def _customer(self, customer_id: str) -> Customer:
+        c = self._customers.get(customer_id.lower())
+        if c is None:
+            raise ApiError(404, 1000, f"Customer {customer_id} not found.")
+        return c
+
+    def _sub(self, c: Customer, subscription_id: str) -> Subscription:
+        s = c.subscriptions.get(subscription_id.lower())
+        if s is None or s.provisioned_at > self.clock():
+            raise ApiError(404, 20003, f"Subscription with ID {subscription_id} not found.")
+        return s
+
+    def _user(self, c: Customer, user_id: str) -> User:
+        u = c.users.get(user_id.lower())
+        if u is None:
+            raise ApiError(404, 60002, f"User object ID {user_id} isn't found.")
+        return u
+
+    def _event(self, kind: str, **data: Any) -> None:
+        self._events.append({"type": kind, "time": self.clock(), **data})
+
+    def tick(self) -> None:
+        """Complete pending orders whose provisioning delay has passed (creates their subscriptions)."""
+        with self.lock:
+            if not self._pending:
+                return
+            now = self.clock()
+            still: list[Order] = []
+            for order in self._pending:
+                if order.ready_at <= now:
+                    self._provision(order)
+                else:
+                    still.append(order)
+            self._pending = still
+
+    def _provision(self, order: Order) -> None:
+        c = self._customers[order.customer_id.lower()]
+        for li in order.line_items:
+            item = catalog_item(li["offerId"])
+            assert item is not None
+            end = datetime.fromtimestamp(order.ready_at, tz=UTC) + timedelta(days=365)
+            sub = self.add_subscription(
+                c.id, offer=item, subscription_id=li["_subscriptionId"], quantity=li["quantity"], status="active",
+                auto_renew=item.is_nce, commitment_end=iso_day(end), friendly_name=li["friendlyName"] or "",
+                order_id=order.id, creation=order.ready_at, billing_cycle=order.billing_cycle,
+                offer_id=li["offerId"],
+            )
+            if li.get("termDuration"):
+                sub.term_duration = li["termDuration"]
+            sub.provisioned_at = order.ready_at
+            sub.listed_at = order.ready_at + float(self.config.list_lag_s)
+            li["subscriptionId"] = sub.id
+            purchase = li.get("_purchase")
+            if isinstance(purchase, dict):
+                purchase["subscription_ids"] = [sub.id]
+                purchase["provisioned_at"] = order.ready_at
+            self._event("subscription_provisioned", customer_id=c.id, subscription_id=sub.id, order_id=order.id)
+        order.status = "completed"
+
+    # ------------------------------------------------------------------ customers
+    def list_customers(self, offset: int, size: int) -> tuple[list[dict[str, Any]], int | None]:
+        with self.lock:
+            ids = self._customer_ids[offset:offset + size]
+            items = [self._customers[i].to_json() for i in ids]
+            nxt = offset + size if offset + size < len(self._customer_ids) else None
+            return items, nxt
+
+    def customer_json(self, customer_id: str) -> dict[str, Any]:
+        with self.lock:
+            return self._customer(customer_id).to_json()
+
+    def customer_ids(self) -> list[str]:
+        with self.lock:
+            return [self._customers[i].id for i in self._customer_ids]
+
+    def make_token(self, kind: str, offset: int) -> str:
+        raw = json.dumps({"k": kind, "o": offset, "s": self._secret}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode()
+
+    def read_token(self, kind: str, token: str) -> int:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(token.encode()).decode())
+            if data["k"] != kind or data["s"] != self._secret or int(data["o"]) < 0:
+                raise ValueError("foreign token")
+            return int(data["o"])
+        except Exception as exc:
+            raise ApiError(400, 800002, "Invalid request input: the continuation token is not valid.",
+                           [str(exc)]) from None
+
+    # ------------------------------------------------------------------ subscriptions
+    def subscriptions_json(self, customer_id: str, order_id: str | None = None) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            now = self.clock()
+            out = []
+            for s in c.subscriptions.values():
+                if s.listed_at > now or s.provisioned_at > now:
+                    continue
+                if order_id is not None and s.order_id.lower() != order_id.lower():
+                    continue
+                out.append(s.to_json(c.id))
+            return out
+
+    def subscription_json(self, customer_id: str, subscription_id: str) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            return self._sub(c, subscription_id).to_json(c.id)
+
+    def provisioning_status(self, customer_id: str, subscription_id: str) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            s = self._sub(c, subscription_id)
+            return {
+                "skuId": ALL_SKUS[s.sku_id].id if s.sku_id in ALL_SKUS else s.sku_id,
+                "status": "pending" if self.clock() < s.listed_at else "success",
+                "quantity": s.quantity,
+                "endDate": s.commitment_end,
+                "attributes": {"objectType": "SubscriptionProvisioningStatus"},
+            }
+
+    def patch_subscription(
+        self, customer_id: str, subscription_id: str, body: Any, if_match: str | None
+    ) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            s = self._sub(c, subscription_id)
+            if not isinstance(body, dict):
+                raise ApiError(400, 800002, "Invalid request input: the body must be a Subscription object.")
+            if if_match is not None and if_match.strip():
+                sent = if_match.strip()
+                if sent.startswith("W/"):
+                    sent = sent[2:]
+                sent = sent.strip().strip('"')
+                if sent != s.etag():
+                    raise ApiError(412, 2055, "Etag is no longer valid", [f"Subscription {s.id} was modified."])
+            new_status_raw = ci_get(body, "status")
+            new_status = str(new_status_raw).lower() if new_status_raw is not None else s.status
+            if new_status_raw is not None and new_status not in KNOWN_PATCH_STATUSES | {s.status}:
+                raise ApiError(400, 800002, f"Invalid request input: unknown subscription status {new_status_raw!r}.")
+            before = s.to_json(c.id)
+            changes: dict[str, list[Any]] = {}
+            if s.status == "suspended":
+                if new_status != "active":
+                    raise ApiError(400, 800091, f"Can't update subscription {s.id} with suspended status.")
+                changes["status"] = [s.status, "active"]
+                s.status = "active"
+            elif s.status == "deleted":
+                raise ApiError(400, 2011, f"Subscription {s.id} with deleted status can't be updated.")
+            elif s.status != "active":
+                raise ApiError(400, 800096, f"Can't update the status for subscription {s.id} ({s.status}).")
+            else:
+                if new_status == "deleted":
+                    raise ApiError(400, 800096, f"Can't update the status for subscription {s.id}.")
+                qty = ci_get(body, "quantity")
+                if qty is not None:
+                    if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1:
+                        raise ApiError(400, 800002, "Invalid request input: quantity must be a positive integer.")
+                    if qty != s.quantity:
+                        changes["quantity"] = [s.quantity, qty]
+                fname = ci_get(body, "friendlyName")
+                if fname is not None and fname != s.friendly_name:
+                    changes["friendlyName"] = [s.friendly_name, str(fname)]
+                # documented trap: a body without autoRenewEnabled silently turns auto-renew off
+                auto = bool(ci_get(body, "autoRenewEnabled")) if ci_has(body, "autoRenewEnabled") else False
+                if auto != s.auto_renew:
+                    changes["autoRenewEnabled"] = [s.auto_renew, auto]
+                if new_status != s.status:
+                    changes["status"] = [s.status, new_status]
+                # apply
+                if "quantity" in changes:
+                    s.quantity = int(changes["quantity"][1])
+                if "friendlyName" in changes:
+                    s.friendly_name = str(changes["friendlyName"][1])
+                s.auto_renew = auto
+                s.status = new_status
+            s.etag_version += 1
+            rec = {
+                "customer_id": c.id, "subscription_id": s.id, "time": self.clock(), "changes": changes,
+                "before_status": before["status"], "after_status": s.status,
+            }
+            self._patches.append(rec)
+            self._event("subscription_patched", **{k: v for k, v in rec.items() if k != "time"})
+            return s.to_json(c.id)
+
+    # ------------------------------------------------------------------ orders
+    def _line_item_offer(self, offer_id: Any, *, cart: bool) -> CatalogItem:
+        item = catalog_item(str(offer_id)) if isinstance(offer_id, str) else None
+        if item is None:
+            if cart:
+                raise ApiError(400, 800009, f"Error in Cart item(s): catalog item {offer_id} is not valid.",
+                               [{"errorCode": "CatalogItemIdIsNotValid", "errorDescription": "Catalog item not found"}])
+            raise ApiError(400, 800004, f"Invalid offer ID {offer_id}.")
+        if not item.purchasable:
+            raise ApiError(403, 2091, f"The offer {item.id} is no longer available for purchase.")
+        return item
+
+    def _check_quantity(self, qty: Any) -> int:
+        if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1 or qty > 10000:
+            raise ApiError(400, 800002, "Invalid request input: quantity must be an integer between 1 and 10000.")
+        return qty
+
+    def _place_order(
+        self, c: Customer, items: list[dict[str, Any]], billing_cycle: str, *, is_nce: bool, cart_id: str | None,
+        via: str,
+    ) -> Order:
+        now = self.clock()
+        oid = secrets.token_hex(6) if is_nce else _new_guid()
+        order = Order(oid, c.id, billing_cycle, [], now, now + float(self.config.provisioning_delay_s), is_nce, cart_id)
+        for li in items:
+            purchase = {
+                "customer_id": c.id, "order_id": oid, "offer_id": li["offerId"], "quantity": li["quantity"],
+                "friendly_name": li["friendlyName"], "subscription_ids": [], "time": now, "via": via,
+                "cart_id": cart_id, "provisioned_at": None,
+            }
+            self._purchases.append(purchase)
+            order.line_items.append({**li, "_subscriptionId": _new_guid(), "_purchase": purchase})
+        c.orders[oid.lower()] = order
+        self._event("order_created", customer_id=c.id, order_id=oid, via=via, cart_id=cart_id,
+                    line_items=[{"offerId": li["offerId"], "quantity": li["quantity"]} for li in items])
+        if order.ready_at <= now:
+            self._provision(order)
+        else:
+            self._pending.append(order)
+        return order
+
+    def create_order(self, customer_id: str, body: Any) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            raw_items = ci_get(body, "lineItems")
+            if not isinstance(raw_items, list) or not raw_items:
+                raise ApiError(400, 800002, "Invalid request input: lineItems is required.")
+            numbers = sorted(ci_get(li, "lineItemNumber", -1) for li in raw_items)
+            if numbers != list(range(len(raw_items))):
+                raise ApiError(400, 800071, "Line item number should be from 0 to count-1.")
+            items = []
+            for li in sorted(raw_items, key=lambda x: ci_get(x, "lineItemNumber")):
+                item = self._line_item_offer(ci_get(li, "offerId"), cart=False)
+                items.append({
+                    "lineItemNumber": ci_get(li, "lineItemNumber"),
+                    "offerId": str(ci_get(li, "offerId")),
+                    "quantity": self._check_quantity(ci_get(li, "quantity")),
+                    "friendlyName": str(ci_get(li, "friendlyName") or ""),
+                    "termDuration": ci_get(li, "termDuration") or item.term_duration,
+                })
+            billing = str(ci_get(body, "billingCycle") or "monthly").lower()
+            is_nce = all(catalog_item(i["offerId"]).is_nce for i in items)  # type: ignore[union-attr]
+            order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=None, via="order")
+            return order.to_json()
+
+    def order_json(self, customer_id: str, order_id: str) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            o = c.orders.get(order_id.lower())
+            if o is None:
+                raise ApiError(404, 20000, f"Order ID {order_id} not found.")
+            return o.to_json()
+
+    def orders_json(self, customer_id: str) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            return [o.to_json() for o in self._customer(customer_id).orders.values()]
+
+    def order_provisioning_status(self, customer_id: str, order_id: str) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            o = c.orders.get(order_id.lower())
+            if o is None:
+                raise ApiError(404, 20000, f"Order ID {order_id} not found.")
+            done = o.status == "completed"
+            return [
+                {
+                    "lineItemNumber": li["lineItemNumber"],
+                    "status": "fulfilled" if done else "prefulfillmentPending",
+                    "quantityProvisioningInformation": [
+                        {"quantity": li["quantity"], "status": "fulfilled" if done else "pending"}
+                    ],
+                    "attributes": {"objectType": "OrderLineItemProvisioningStatus"},
+                }
+                for li in o.line_items
+            ]
+
+    # ------------------------------------------------------------------ carts
+    def _cart_items(self, body: Any) -> list[dict[str, Any]]:
+        raw_items = ci_get(body, "lineItems")
+        if not isinstance(raw_items, list) or not raw_items:
+            raise ApiError(400, 800002, "Invalid request input: lineItems is required.")
+        items = []
+        for n, li in enumerate(raw_items):
+            cid = ci_get(li, "catalogItemId")
+            item = self._line_item_offer(cid, cart=True)
+            items.append({
+                "id": ci_get(li, "id", n),
+                "catalogItemId": str(cid),
+                "friendlyName": str(ci_get(li, "friendlyName") or ""),
+                "quantity": self._check_quantity(ci_get(li, "quantity")),
+                "currencyCode": "USD",
+                "billingCycle": str(ci_get(li, "billingCycle") or ("monthly" if item.is_nce else "annual")).lower(),
+                "termDuration": ci_get(li, "termDuration") or item.term_duration,
+                "participants": ci_get(li, "participants") or [],
+                "provisioningContext": ci_get(li, "provisioningContext") or {},
+                "orderGroup": "0",
+                "addonItems": [],
+            })
+        return items
+
+    def create_cart(self, customer_id: str, body: Any) -> dict[str, Any]:
+        with self.lock:
+            c = self._customer(customer_id)
+            items = self._cart_items(body)
+            now = self.clock()
+            cart = Cart(_new_guid(), c.id, items, now, now)
+            c.carts[cart.id.lower()] = cart
+            self._event("cart_created", customer_id=c.id, cart_id=cart.id)
+            return cart.to_json()
+
+    def _cart(self, c: Customer, cart_id: str) -> Cart:
+        cart = c.carts.get(cart_id.lower())
+        if cart is None:
+            raise ApiError(404, 800008, f"Unable to retrieve cart ID {cart_id}.")
+        return cart
+
+    def cart_json(self, customer_id: str, cart_id: str) -> dict[str, Any]:
+        with self.lock:
+            return self._cart(self._customer(customer_id), cart_id).to_json()
+
+    def update_cart(self, customer_id: str, cart_id: str, body: Any) -> dict[str, Any]:
+        with self.lock:
+            c = self._customer(customer_id)
+            cart = self._cart(c, cart_id)
+            if cart.status != "Active" or cart.processing:
+                raise ApiError(400, 800065, f"Can't update an already submitted cart {cart.id}.")
+            cart.line_items = self._cart_items(body)
+            cart.modified = self.clock()
+            self._event("cart_updated", customer_id=c.id, cart_id=cart.id)
+            return cart.to_json()
+
+    def begin_checkout(self, customer_id: str, cart_id: str) -> tuple[Cart, dict[str, Any] | None]:
+        """Mark the cart as being processed. Returns (cart, replayed result or None)."""
+        with self.lock:
+            c = self._customer(customer_id)
+            cart = self._cart(c, cart_id)
+            if cart.checkout_result is not None:
+                self._event("cart_checkout_replayed", customer_id=c.id, cart_id=cart.id)
+                return cart, copy.deepcopy(cart.checkout_result)
+            if cart.processing:
+                raise ApiError(409, 800064, f"Cart {cart.id} is being processed by another request.")
+            cart.processing = True
+            return cart, None
+
+    def finish_checkout(self, customer_id: str, cart: Cart) -> dict[str, Any]:
+        with self.lock:
+            c = self._customer(customer_id)
+            try:
+                items = [
+                    {
+                        "lineItemNumber": n, "offerId": li["catalogItemId"], "quantity": li["quantity"],
+                        "friendlyName": li["friendlyName"], "termDuration": li.get("termDuration"),
+                    }
+                    for n, li in enumerate(cart.line_items)
+                ]
+                billing = str(cart.line_items[0].get("billingCycle") or "monthly")
+                is_nce = all(catalog_item(i["offerId"]).is_nce for i in items)  # type: ignore[union-attr]
+                order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=cart.id, via="cart")
+                result = {
+                    "orders": [order.to_json()],
+                    "orderErrors": [],
+                    "attributes": {"objectType": "CartCheckoutResult"},
+                }
+                cart.checkout_result = {"order_ids": [order.id]}
+                cart.status = "Ordered"
+                cart.modified = self.clock()
+                self._event("cart_checked_out", customer_id=c.id, cart_id=cart.id, order_ids=[order.id])
+                return result
+            finally:
+                cart.processing = False
+
+    def replay_checkout(self, customer_id: str, stored: dict[str, Any]) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            return {
+                "orders": [c.orders[o.lower()].to_json() for o in stored["order_ids"]],
+                "orderErrors": [],
+                "attributes": {"objectType": "CartCheckoutResult"},
+            }
+
+    # ------------------------------------------------------------------ users & licenses
+    def list_users(self, customer_id: str, offset: int, size: int) -> tuple[list[dict[str, Any]], int | None]:
+        with self.lock:
+            c = self._customer(customer_id)
+            users = list(c.users.values())
+            page = [u.to_json(c.id) for u in users[offset:offset + size]]
+            return page, (offset + size if offset + size < len(users) else None)
+
+    def user_json(self, customer_id: str, user_id: str) -> dict[str, Any]:
+        with self.lock:
+            c = self._customer(customer_id)
+            return self._user(c, user_id).to_json(c.id)
+
+    def user_licenses_json(self, customer_id: str, user_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            c = self._customer(customer_id)
+            u = self._user(c, user_id)
+            out = []
+            for sku_id in u.skus:
+                sku = ALL_SKUS.get(sku_id) or ProductSku(sku_id, "UNKNOWN", "Unknown product")
+                out.append({
+                    "servicePlans": sku.service_plans_json("Assigned"),
+                    "productSku": sku.to_json(),
+                    "attributes": {"objectType": "License"},
+                })
+            return out
+
+    def _sku_units(self, c: Customer) -> dict[str, dict[str, int]]:
+        now = self.clock()
+        units: dict[str, dict[str, int]] = {}
+        for s in c.subscriptions.values():
+            if s.provisioned_at > now:
+                continue
+            u = units.setdefault(s.sku_id, {"active": 0, "suspended": 0, "warning": 0, "consumed": 0})
+            if s.status == "active":
+                u["active"] += s.quantity
+            elif s.status == "suspended":
+                u["suspended"] += s.quantity
+            elif s.status == "expired":
+                u["warning"] += s.quantity
+        for user in c.users.values():
+            for sku_id in user.skus:
+                units.setdefault(sku_id, {"active": 0, "suspended": 0, "warning": 0, "consumed": 0})["consumed"] += 1
+        return units
+
+    def subscribed_skus_json(self, customer_id: str) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            out = []
+            for sku_id, u in self._sku_units(c).items():
+                sku = ALL_SKUS.get(sku_id) or ProductSku(sku_id, "UNKNOWN", "Unknown product")
+                total = u["active"] + u["warning"]
+                out.append({
+                    "availableUnits": max(0, total - u["consumed"]),
+                    "activeUnits": u["active"],
+                    "consumedUnits": u["consumed"],
+                    "suspendedUnits": u["suspended"],
+                    "totalUnits": total,
+                    "warningUnits": u["warning"],
+                    "productSku": sku.to_json(),
+                    "servicePlans": sku.service_plans_json("Enabled"),
+                    "capabilityStatus": "Enabled",
+                    "attributes": {"objectType": "SubscribedSku"},
+                })
+            return out
+
+    def license_update(self, customer_id: str, user_id: str, body: Any) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            u = self._user(c, user_id)
+            if not isinstance(body, dict):
+                raise ApiError(400, 800002, "Invalid request input: the body must be a LicenseUpdate object.")
+            raw_assign = ci_get(body, "licensesToAssign") or []
+            raw_remove = ci_get(body, "licensesToRemove") or []
+            if not isinstance(raw_assign, list) or not isinstance(raw_remove, list):
+                raise ApiError(400, 800002, "Invalid request input: licensesToAssign/licensesToRemove must be arrays.")
+            assign: list[str] = []
+            echo: list[dict[str, Any]] = []
+            for a in raw_assign:
+                sku_id = ci_get(a, "skuId")
+                if not isinstance(sku_id, str) or not sku_id:
+                    raise ApiError(400, 800002, "Invalid request input: licensesToAssign[].skuId is required.")
+                assign.append(sku_id.lower())
+                echo.append({"skuId": sku_id, "excludedPlans": ci_get(a, "excludedPlans")})
+            remove = [str(r).lower() for r in raw_remove]
+            new_skus = [s for s in u.skus if s not in remove]
+            added = [s for s in dict.fromkeys(assign) if s not in new_skus]
+            if added and not u.usage_location:
+                raise ApiError(400, 60005,
+                               f"License assignment failed for user {u.id}: the user has no usage location "
+                               "(usageLocation). Set the user's usage location and try again.",
+                               ["InvalidUsageLocationException : usageLocation is not set"])
+            new_skus.extend(added)
+            units = self._sku_units(c)
+            for sku_id in added:
+                un = units.get(sku_id, {"active": 0, "warning": 0, "consumed": 0, "suspended": 0})
+                consumed_after = un["consumed"] - (1 if sku_id in u.skus else 0) + 1
+                if consumed_after > un["active"] + un["warning"]:
+                    raise ApiError(
+                        400, 60012,
+                        "We are sorry, it looks like you have run out of licenses. "
+                        "Buy more licenses, and then try again.",
+                        [f"LicenseQuotaExceededException : Subscription with Account {c.id} and SKU {sku_id} "
+                         "does not have any available licenses left."],
+                    )
+            removed = [s for s in u.skus if s in remove]
+            u.skus = new_skus
+            rec = {"customer_id": c.id, "user_id": u.id, "assigned": added, "removed": removed,
+                   "requested_assign": assign, "requested_remove": remove, "time": self.clock()}
+            self._license_updates.append(rec)
+            self._event("license_update", **{k: v for k, v in rec.items() if k != "time"})
+            return {"licensesToAssign": echo, "licenseWarnings": [], "attributes": {"objectType": "LicenseUpdate"}}
+
+    # ------------------------------------------------------------------ test-facing reads
+    def subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
+        """Every provisioned subscription of the customer (ignores list lag), as JSON."""
+        self.tick()
+        with self.lock:
+            c = self._customer(customer_id)
+            now = self.clock()
+            return [s.to_json(c.id) for s in c.subscriptions.values() if s.provisioned_at <= now]
+
+    def subscription(self, customer_id: str, subscription_id: str) -> dict[str, Any]:
+        return self.subscription_json(customer_id, subscription_id)
+
+    def users(self, customer_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            c = self._customer(customer_id)
+            return [u.to_json(c.id) for u in c.users.values()]
+
+    def user_licenses(self, customer_id: str, user_id: str) -> list[str]:
+        """The product SKU ids the user holds (lower-case)."""
+        with self.lock:
+            return list(self._user(self._customer(customer_id), user_id).skus)
+
+    def purchases(self) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            return copy.deepcopy(self._purchases)
+
+    def license_updates(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return copy.deepcopy(self._license_updates)
+
+    def patches(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return copy.deepcopy(self._patches)
+
+    def events(self) -> list[dict[str, Any]]:
+        self.tick()
+        with self.lock:
+            return copy.deepcopy(self._events)
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return copy.deepcopy(self._requests)
+
+    def log_request(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self._requests.append(entry)
+
+    def snapshot(self) -> dict[str, Any]:
+        self.tick()
+        with self.lock:
+            customers = []
+            for cid in self._customer_ids:
+                c = self._customers[cid]
+                customers.append({
+                    **c.to_json(),
+                    "users": [{**u.to_json(c.id), "licenses": list(u.skus)} for u in c.users.values()],
+                    "subscriptions": [s.to_json(c.id) for s in c.subscriptions.values()
+                                      if s.provisioned_at <= self.clock()],
+                    "orders": [o.to_json() for o in c.orders.values()],
+                    "carts": [ct.to_json() for ct in c.carts.values()],
+                })
+            return {
+                "customers": customers,
+                "purchases": copy.deepcopy(self._purchases),
+                "licenseUpdates": copy.deepcopy(self._license_updates),
+                "patches": copy.deepcopy(self._patches),
+                "events": copy.deepcopy(self._events),
+            }
+
+    # ------------------------------------------------------------------ by-hand mutations (fault tests)
+    def set_subscription_status(self, customer_id: str, subscription_id: str, status: str) -> None:
+        with self.lock:
+            c = self._customer(customer_id)
+            s = self._sub(c, subscription_id)
+            old = s.status
+            s.status = status
+            s.etag_version += 1
+            self._event("by_hand_status", customer_id=c.id, subscription_id=s.id, before=old, after=status)
+
+    def remove_user_license(self, customer_id: str, user_id: str, sku_id: str) -> None:
+        with self.lock:
+            c = self._customer(customer_id)
+            u = self._user(c, user_id)
+            u.skus = [s for s in u.skus if s != sku_id.lower()]
+            self._event("by_hand_remove_license", customer_id=c.id, user_id=u.id, sku_id=sku_id.lower())
+
+    def set_usage_location(self, customer_id: str, user_id: str, usage_location: str | None) -> None:
+        """Fix (or break) a user's usage location by hand, as a partner would in the admin center."""
+        with self.lock:
+            c = self._customer(customer_id)
+            u = self._user(c, user_id)
+            u.usage_location = usage_location
+            self._event("by_hand_usage_location", customer_id=c.id, user_id=u.id, usage_location=usage_location)
+
+    def assign_user_license(self, customer_id: str, user_id: str, sku_id: str) -> None:
+        """Give a user a license without any quota check."""
+        with self.lock:
+            c = self._customer(customer_id)
+            u = self._user(c, user_id)
+            if sku_id.lower() not in u.skus:
+                u.skus.append(sku_id.lower())
+            self._event("by_hand_assign_license", customer_id=c.id, user_id=u.id, sku_id=sku_id.lower())
+
+    def purchase_by_hand(
+        self, customer_id: str, offer_or_catalog_id: str, quantity: int, friendly_name: str = ""
+    ) -> dict[str, Any]:
+        """Create an active subscription immediately (as if someone bought it in the portal). Returns it as JSON."""
+        with self.lock:
+            c = self._customer(customer_id)
+            item = catalog_item(offer_or_catalog_id)
+            if item is None:
+                raise KeyError(offer_or_catalog_id)
+            now = self.clock()
+            end = datetime.fromtimestamp(now, tz=UTC) + timedelta(days=365)
+            sub = self.add_subscription(
+                c.id, offer=item, quantity=quantity, auto_renew=item.is_nce, commitment_end=iso_day(end),
+                friendly_name=friendly_name, creation=now, offer_id=offer_or_catalog_id,
+            )
+            self._purchases.append({
+                "customer_id": c.id, "order_id": sub.order_id, "offer_id": offer_or_catalog_id, "quantity": quantity,
+                "friendly_name": friendly_name, "subscription_ids": [sub.id], "time": now, "via": "by_hand",
+                "cart_id": None, "provisioned_at": now,
+            })
+            self._event("by_hand_purchase", customer_id=c.id, subscription_id=sub.id, offer_id=offer_or_catalog_id)
+            return sub.to_json(c.id)
+
+    # ------------------------------------------------------------------ dedupe / write tracking / reset
+    def dedupe_get(self, request_id: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        with self.lock:
+            return self._dedupe.get(request_id.lower())
+
+    def dedupe_put(self, request_id: str, value: tuple[int, bytes, list[tuple[bytes, bytes]]]) -> None:
+        with self.lock:
+            self._dedupe[request_id.lower()] = value
+
+    def first_time_write(self, key: str) -> bool:
+        with self.lock:
+            if key in self._seen_writes:
+                return False
+            self._seen_writes.add(key)
+            return True
+
+    def reset(self, *, customers: int | None = None, seed: int | None = None) -> None:
+        """Wipe everything. Re-seed with the last seed_world parameters (or the given ones) if any."""
+        with self.lock:
+            params = dict(self._seed_params or {})
+            self._clear()
+            self.manifest = None
+            if customers is not None:
+                params["customers"] = customers
+            if seed is not None:
+                params["seed"] = seed
+            if params:
+                from ._seed import seed_world
+
+                seed_world(self, **params)

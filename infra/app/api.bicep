@@ -1,0 +1,195 @@
+// The function app: Flex Consumption (Linux), Python 3.11, v1 programming model (function folders with
+// function.json). One user-assigned identity for everything; no keys or connection-string secrets in app settings.
+param name string
+param planName string
+param location string
+param tags object = {}
+
+@description('Resource id of the user-assigned managed identity.')
+param identityId string
+
+@description('Client id of the user-assigned managed identity.')
+param identityClientId string
+
+param storageBlobEndpoint string
+param storageQueueEndpoint string
+param storageTableEndpoint string
+param deploymentContainerName string
+param appInsightsConnectionString string
+
+@description('Vault URI with trailing slash, e.g. https://kv-x.vault.azure.net/')
+param keyVaultUri string
+
+// Partner Center rate limits apply per partner tenant, so extra instances only add 429s; see main.bicep.
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int
+
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+param pythonVersion string = '3.11'
+
+// Application settings (every one the code reads: d365_migration/_settings.py APP_SETTINGS).
+param partnerCenterTenantId string
+param partnerCenterClientId string
+param partnerCenterEndpoint string
+param partnerCenterAuthority string
+param dryRun bool
+param replacementOffers string
+param replacementBillingCycle string
+param replacementTermDuration string
+param detectSchedule string
+param expiryWindowDays int
+param retiredOffersExtra string
+param customerAllowlist string
+param customerDenylist string
+param maxPurchasesPerRun int
+param partnerCenterRequestsPerMinute int
+param partnerCenterLicenseRequestsPerMinute int
+param partnerCenterMaxConcurrency int
+param provisioningPollSeconds int
+param provisioningTimeoutMinutes int
+param invocationBudgetSeconds int
+param ledgerTableName string
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    // Key Vault references in app settings are resolved with the UAMI (default would be a system identity).
+    keyVaultReferenceIdentity: identityId
+    siteConfig: {
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storageBlobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        // Capped: Partner Center throttles per partner tenant, not per instance (see main.bicep).
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: pythonVersion
+      }
+    }
+  }
+}
+
+// No FUNCTIONS_WORKER_RUNTIME / WEBSITE_RUN_FROM_PACKAGE: on Flex Consumption the runtime comes from
+// functionAppConfig.runtime and the package from functionAppConfig.deployment. No AzureWebJobsStorage connection
+// string either: the storage account has shared keys disabled, so the host uses the identity-based
+// AzureWebJobsStorage__* family below (the queue bindings use "connection": "AzureWebJobsStorage" and share it).
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: functionApp
+  name: 'appsettings'
+  properties: {
+    // Host storage and queue/table bindings, identity based.
+    AzureWebJobsStorage__credential: 'managedidentity'
+    AzureWebJobsStorage__clientId: identityClientId
+    AzureWebJobsStorage__blobServiceUri: storageBlobEndpoint
+    AzureWebJobsStorage__queueServiceUri: storageQueueEndpoint
+    AzureWebJobsStorage__tableServiceUri: storageTableEndpoint
+    // azure-identity (DefaultAzureCredential / ManagedIdentityCredential) in the app code picks the UAMI.
+    AZURE_CLIENT_ID: identityClientId
+    // Entra-only telemetry ingestion (local auth is disabled on the App Insights resource).
+    APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
+    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+
+    // Partner Center (Secure Application Model). The two secrets are Key Vault references, never values; they
+    // resolve once `python -m d365_migration consent` has stored them (until then the app sees the unresolved
+    // reference text and must treat it as "not configured").
+    PARTNER_CENTER_AUTH: 'app-user'
+    PARTNER_CENTER_ENDPOINT: partnerCenterEndpoint
+    PARTNER_CENTER_AUTHORITY: partnerCenterAuthority
+    PARTNER_CENTER_TENANT_ID: partnerCenterTenantId
+    PARTNER_CENTER_CLIENT_ID: partnerCenterClientId
+    PARTNER_CENTER_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/partner-center-client-secret/)'
+    PARTNER_CENTER_REFRESH_TOKEN: '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/partner-center-refresh-token/)'
+    KEY_VAULT_URL: keyVaultUri
+
+    // Behaviour. DRY_RUN stays 'true' unless the deployment explicitly passes dryRun=false.
+    DRY_RUN: dryRun ? 'true' : 'false'
+    DETECT_SCHEDULE: detectSchedule
+    EXPIRY_WINDOW_DAYS: string(expiryWindowDays)
+    REPLACEMENT_OFFERS: replacementOffers
+    REPLACEMENT_BILLING_CYCLE: replacementBillingCycle
+    REPLACEMENT_TERM_DURATION: replacementTermDuration
+    RETIRED_OFFERS_EXTRA: retiredOffersExtra
+    CUSTOMER_ALLOWLIST: customerAllowlist
+    CUSTOMER_DENYLIST: customerDenylist
+    MAX_PURCHASES_PER_RUN: string(maxPurchasesPerRun)
+    LEDGER_TABLE: ledgerTableName
+
+    // Throttling and time budgets.
+    PARTNER_CENTER_REQUESTS_PER_MINUTE: string(partnerCenterRequestsPerMinute)
+    PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE: string(partnerCenterLicenseRequestsPerMinute)
+    PARTNER_CENTER_MAX_CONCURRENCY: string(partnerCenterMaxConcurrency)
+    PROVISIONING_POLL_SECONDS: string(provisioningPollSeconds)
+    PROVISIONING_TIMEOUT_MINUTES: string(provisioningTimeoutMinutes)
+    INVOCATION_BUDGET_SECONDS: string(invocationBudgetSeconds)
+  }
+}
+
+// No publishing credentials (FTP / SCM basic auth); deployments go through Entra (azd, az, onedeploy).
+resource ftpCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: functionApp
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: functionApp
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output id string = functionApp.id
+output name string = functionApp.name
+output defaultHostName string = functionApp.properties.defaultHostName
