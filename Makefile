@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
-	$(PY) -m mypy d365_migration detect_expiring purchase_new reassign_licenses suspend_old
+	$(PY) -m mypy d365_migration detect_expiring scan_customers purchase_new reassign_licenses suspend_old status
 
 test: install lint typecheck
 	$(PY) -m pytest -q -m "not soak"

@@ -4,7 +4,7 @@ The public names are re-exported here from small private modules. Function folde
 ``run_detect`` / ``run_step``; the rest is for the CLI, tests and partners who script against the package.
 """
 
-from ._app import StepOutputs, build_service, get_service, run_detect, run_step
+from ._app import StepOutputs, build_service, get_service, run_detect, run_scan, run_step
 from ._catalog import RetiredOffer, RetiredOfferCatalog, normalize_offer_name
 from ._client import PartnerCenterClient, deterministic_request_id
 from ._exceptions import (
@@ -72,5 +72,6 @@ __all__ = [
     "load_settings",
     "normalize_offer_name",
     "run_detect",
+    "run_scan",
     "run_step",
 ]

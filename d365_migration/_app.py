@@ -21,7 +21,7 @@ from ._catalog import RetiredOfferCatalog
 from ._client import PartnerCenterClient, TokenSource
 from ._exceptions import ConfigurationError, InvalidMessageError
 from ._ledger import MigrationLedger
-from ._messages import QUEUE_FOR_STEP, Step, StepMessage
+from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._pipeline import MigrationService
 from ._queues import QueueSender
 from ._settings import Settings
@@ -104,10 +104,31 @@ class StepOutputs:
     poison: str | None = None
 
 
-async def run_detect() -> list[str]:
-    service = get_service()
-    report = await service.detect()
-    return report.bodies()
+async def run_detect() -> str:
+    """The timer: start a detection run (its first customer page goes to ``scan-customers``)."""
+    return get_service().start_scan().to_json()
+
+
+async def run_scan(body: bytes) -> StepOutputs:
+    """One page of a detection run: purchase messages for its candidates, and the next page's message."""
+    try:
+        message = ScanMessage.parse(body)
+    except InvalidMessageError as exc:
+        logger.error("event=message_poisoned queue=%s reason=%s", SCAN_QUEUE, exc)
+        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
+                                              "body": body[:4096].decode("utf-8", "replace")}))
+    try:
+        report, nxt = await get_service().scan_page(message)
+    except ValueError as exc:  # a cursor that is not ours
+        logger.error("event=message_poisoned queue=%s reason=%s", SCAN_QUEUE, exc)
+        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
+                                              "body": body[:4096].decode("utf-8", "replace")}))
+    outputs = StepOutputs()
+    if report.purchase_messages:
+        outputs.messages[QUEUE_FOR_STEP["purchase"]] = report.bodies()
+    if nxt is not None:
+        outputs.messages[SCAN_QUEUE] = [nxt.to_json()]
+    return outputs
 
 
 async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOutputs:

@@ -84,6 +84,33 @@ def _guid(value: str, what: str) -> str:
     return value.strip()
 
 
+@dataclass(frozen=True)
+class PageRequest:
+    """How to fetch one page; serializable, so a page cursor can travel in a queue message or the ledger."""
+
+    path: str
+    params: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "params": [list(p) for p in self.params],
+                "headers": [list(h) for h in self.headers]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PageRequest:
+        """Validated: only our API's paths and only the paging header may come back from storage."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("path"), str):
+            raise ValueError("page cursor must be an object with a path")
+        path = data["path"]
+        if not path.startswith("/v1/customers") or ".." in path or "//" in path:
+            raise ValueError(f"page cursor path {path!r} is not a Partner Center collection")
+        params = tuple((str(k), str(v)) for k, v in data.get("params") or [])
+        headers = tuple((str(k), str(v)) for k, v in data.get("headers") or [])
+        if any(k.lower() != "ms-continuationtoken" for k, _ in headers):
+            raise ValueError("page cursor may carry only MS-ContinuationToken")
+        return cls(path, params, headers)
+
+
 @dataclass
 class RequestStats:
     requests: int = 0
@@ -249,38 +276,49 @@ class PartnerCenterClient:
         assert last_error is not None
         raise last_error
 
-    async def _paged(
-        self, path: str, params: dict[str, str], rate_class: RateClass, what: str
-    ) -> AsyncIterator[list[Any]]:
+    async def fetch_page(self, page: PageRequest, *, rate_class: RateClass, what: str
+                         ) -> tuple[list[Any], PageRequest | None]:
+        """One page: its ``items`` and the request for the next page (``None`` on the last)."""
+        body = await self.request("GET", page.path, params=dict(page.params) or None,
+                                  headers=dict(page.headers) or None, rate_class=rate_class)
+        if not isinstance(body, Mapping):
+            raise MalformedResponseError(f"{what} page is not a JSON object", method="GET", path=page.path)
+        items = get_ci(body, "items")
+        if items is None:
+            items = []
+        if not isinstance(items, list):
+            raise MalformedResponseError(f"{what} page 'items' is not a list", method="GET", path=page.path)
+        nxt = _next_page(body, page)
+        if nxt is not None and nxt == page:
+            raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
+                                         path=page.path)
+        return items, nxt
+
+    async def _paged(self, first: PageRequest, rate_class: RateClass, what: str) -> AsyncIterator[list[Any]]:
         """Yield the ``items`` of each page, following ``links.next`` or the top-level ``continuationToken``."""
-        next_path: str | None = path
-        next_params: dict[str, str] | None = params
-        next_headers: dict[str, str] | None = None
-        seen_tokens: set[str] = set()
-        while next_path is not None:
-            body = await self.request("GET", next_path, params=next_params, headers=next_headers,
-                                      rate_class=rate_class)
-            if not isinstance(body, Mapping):
-                raise MalformedResponseError(f"{what} page is not a JSON object", method="GET", path=path)
-            items = get_ci(body, "items")
-            if items is None:
-                items = []
-            if not isinstance(items, list):
-                raise MalformedResponseError(f"{what} page 'items' is not a list", method="GET", path=path)
+        page: PageRequest | None = first
+        seen: set[PageRequest] = set()
+        while page is not None:
+            items, nxt = await self.fetch_page(page, rate_class=rate_class, what=what)
             yield items
-            next_path, next_params, next_headers = _next_page(body, path, params)
-            token = (next_headers or {}).get("MS-ContinuationToken")
-            if next_path is not None:
-                key = f"{next_path}?{next_params}|{token}"
-                if key in seen_tokens:
-                    raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
-                                                 path=path)
-                seen_tokens.add(key)
+            if nxt is not None and nxt in seen:
+                raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
+                                             path=first.path)
+            seen.add(page)
+            page = nxt
 
     # ------------------------------------------------------------------ customers & subscriptions
 
+    @staticmethod
+    def first_customer_page(page_size: int = 500) -> PageRequest:
+        return PageRequest("/v1/customers", (("size", str(page_size)),))
+
+    async def customer_page(self, page: PageRequest) -> tuple[list[Customer], PageRequest | None]:
+        items, nxt = await self.fetch_page(page, rate_class="commerce", what="customers")
+        return [Customer.parse(item) for item in items], nxt
+
     async def customer_pages(self, *, page_size: int = 500) -> AsyncIterator[list[Customer]]:
-        async for items in self._paged("/v1/customers", {"size": str(page_size)}, "commerce", "customers"):
+        async for items in self._paged(self.first_customer_page(page_size), "commerce", "customers"):
             yield [Customer.parse(item) for item in items]
 
     async def list_customers(self, *, page_size: int = 500) -> AsyncIterator[Customer]:
@@ -359,9 +397,17 @@ class PartnerCenterClient:
 
     # ------------------------------------------------------------------ users & licenses (App+User only)
 
+    @staticmethod
+    def first_user_page(customer_id: str, page_size: int = 100) -> PageRequest:
+        return PageRequest(f"/v1/customers/{_segment(customer_id, 'customer id')}/users",
+                           (("size", str(page_size)),))
+
+    async def user_page(self, page: PageRequest) -> tuple[list[CustomerUser], PageRequest | None]:
+        items, nxt = await self.fetch_page(page, rate_class="license", what="users")
+        return [CustomerUser.parse(item) for item in items], nxt
+
     async def list_users(self, customer_id: str, *, page_size: int = 100) -> AsyncIterator[CustomerUser]:
-        path = f"/v1/customers/{_segment(customer_id, 'customer id')}/users"
-        async for items in self._paged(path, {"size": str(page_size)}, "license", "users"):
+        async for items in self._paged(self.first_user_page(customer_id, page_size), "license", "users"):
             for item in items:
                 yield CustomerUser.parse(item)
 
@@ -469,32 +515,29 @@ def _items(body: Any, what: str, path: str) -> list[Any]:
     return items
 
 
-def _next_page(body: Mapping[str, Any], path: str, params: dict[str, str]
-               ) -> tuple[str | None, dict[str, str] | None, dict[str, str] | None]:
+def _next_page(body: Mapping[str, Any], page: PageRequest) -> PageRequest | None:
     links = get_ci(body, "links")
     nxt = get_ci(links, "next") if isinstance(links, Mapping) else None
     if isinstance(nxt, Mapping):
         uri = get_ci(nxt, "uri")
         if isinstance(uri, str) and uri.strip():
-            headers: dict[str, str] = {}
+            headers: list[tuple[str, str]] = []
             raw_headers = get_ci(nxt, "headers") or []
             for header in raw_headers if isinstance(raw_headers, list) else []:
                 if isinstance(header, Mapping):
                     key, value = get_ci(header, "key"), get_ci(header, "value")
                     # Only the paging header is forwarded: a response must not be able to set Authorization.
                     if isinstance(key, str) and isinstance(value, str) and key.lower() == "ms-continuationtoken":
-                        headers["MS-ContinuationToken"] = value
+                        headers.append(("MS-ContinuationToken", value))
             parts = urlsplit(uri.strip())
             if parts.scheme or parts.netloc:
                 raise MalformedResponseError("links.next points at another host; refusing to follow",
-                                             method="GET", path=path)
-            next_path = parts.path if parts.path.lower().startswith("/v1/") else "/v1" + (
+                                             method="GET", path=page.path)
+            path = parts.path if parts.path.lower().startswith("/v1/") else "/v1" + (
                 parts.path if parts.path.startswith("/") else "/" + parts.path)
-            query = dict(parse_qsl(parts.query, keep_blank_values=True))
-            return next_path, query or None, headers or None
+            return PageRequest(path, tuple(parse_qsl(parts.query, keep_blank_values=True)), tuple(headers))
     token = get_ci(body, "continuationToken")
     if isinstance(token, str) and token.strip():
-        return path, {**params, "seekOperation": "next"}, {"MS-ContinuationToken": token}
-    return None, None, None
-
-
+        params = (*((k, v) for k, v in page.params if k.lower() != "seekoperation"), ("seekOperation", "next"))
+        return PageRequest(page.path, params, (("MS-ContinuationToken", token),))
+    return None

@@ -77,6 +77,8 @@ class MigrationRecord:
     users_moved: int = 0
     users_skipped: int = 0
     users_failed: int = 0
+    users_cursor: str | None = None  # JSON PageRequest of the next users page to work on (resumable moves)
+    user_failures: str | None = None  # "upn: reason; …" of users that could not be moved so far
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None
@@ -292,6 +294,70 @@ class MigrationLedger:
         entities = await self._run(lambda: list(self._table.query_entities(query)))
         return [UserOutcome(user_id=e["UserId"], outcome=e["Outcome"], detail=e.get("Detail") or None,
                             user_principal_name=e.get("UserPrincipalName") or None) for e in entities]
+
+    # ------------------------------------------------------------------ scan pages (fan-out detection)
+
+    async def claim_scan_page(self, run_id: str, page: int, owner: str, *, lease: timedelta
+                              ) -> dict[str, Any] | None:
+        """Mark a page of a detection run as being scanned. Returns the marker if this worker may scan it, ``None``
+        if it was already scanned (the marker, with the next cursor, is then returned under ``done``)."""
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", f"{page:07d}"
+        now = utcnow()
+        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "scanning", "Owner": owner,
+                  "LeaseUntil": (now + lease).isoformat()}
+        try:
+            await self._run(self._table.create_entity, entity)
+            return entity
+        except ResourceExistsError:
+            pass
+        existing = await self._run(self._table.get_entity, pk, rk)
+        if existing.get("Status") == "done":
+            return {"done": dict(existing)}
+        if datetime.fromisoformat(existing["LeaseUntil"]) > now and existing.get("Owner") != owner:
+            raise ConcurrencyConflict(f"scan page {page} of run {run_id} is being scanned by another worker")
+        try:
+            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
+                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError:
+            raise ConcurrencyConflict(f"scan page {page} of run {run_id} was taken by another worker") from None
+        return entity
+
+    async def complete_scan_page(self, run_id: str, page: int, *, next_cursor: str | None, customers: int,
+                                 candidates: int) -> None:
+        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": f"{page:07d}", "Kind": "scanpage", "Status": "done",
+                  "NextCursor": next_cursor or "", "Customers": customers, "Candidates": candidates,
+                  "At": utcnow().isoformat()}
+        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def reserve_purchases(self, run_id: str, wanted: int, limit: int) -> int:
+        """How many of ``wanted`` purchases this page may still queue under the run's ``MAX_PURCHASES_PER_RUN``
+        (an ETag-guarded counter shared by every page of the run)."""
+        if wanted <= 0:
+            return 0
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", "run"
+        for _ in range(20):
+            try:
+                existing = await self._run(self._table.get_entity, pk, rk)
+            except ResourceNotFoundError:
+                granted = min(wanted, limit)
+                try:
+                    await self._run(self._table.create_entity, {"PartitionKey": pk, "RowKey": rk, "Kind": "scanrun",
+                                                                "Queued": granted})
+                    return granted
+                except ResourceExistsError:
+                    continue
+            queued = int(existing.get("Queued", 0))
+            granted = max(0, min(wanted, limit - queued))
+            try:
+                await self._run(self._table.update_entity, {**existing, "Queued": queued + granted},
+                                mode=UpdateMode.REPLACE, etag=existing.metadata["etag"],
+                                match_condition=MatchConditions.IfNotModified)
+                return granted
+            except ResourceModifiedError:
+                continue
+        raise ConcurrencyConflict(f"could not update the purchase budget of run {run_id}")
 
     def close(self) -> None:
         self._table.close()

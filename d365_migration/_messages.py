@@ -83,3 +83,43 @@ class StepMessage:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+SCAN_QUEUE = "scan-customers"
+
+
+@dataclass(frozen=True)
+class ScanMessage:
+    """One page of the customer scan of one detection run; ``cursor`` is the request for that page."""
+
+    run_id: str
+    page: int
+    cursor: dict[str, Any] | None  # PageRequest.to_json(); None for the first page
+
+    def to_json(self) -> str:
+        return json.dumps({"schemaVersion": SCHEMA_VERSION, "step": "scan", "runId": self.run_id,
+                           "page": self.page, "cursor": self.cursor}, separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, body: bytes | str) -> ScanMessage:
+        raw = body.encode() if isinstance(body, str) else body
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise InvalidMessageError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+        try:
+            data: Any = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidMessageError(f"message is not JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise InvalidMessageError("message is not a JSON object")
+        if data.get("schemaVersion") != SCHEMA_VERSION or isinstance(data.get("schemaVersion"), bool):
+            raise InvalidMessageError(f"unknown schemaVersion {data.get('schemaVersion')!r}")
+        if data.get("step") != "scan":
+            raise InvalidMessageError(f"message for step {data.get('step')!r} arrived on the scan queue")
+        run_id, page, cursor = data.get("runId"), data.get("page"), data.get("cursor")
+        if not isinstance(run_id, str) or not run_id.replace("-", "").isalnum() or len(run_id) > 64:
+            raise InvalidMessageError(f"runId must be a short id, got {_show(run_id)}")
+        if not isinstance(page, int) or isinstance(page, bool) or not 0 <= page < 10_000_000:
+            raise InvalidMessageError(f"page must be a non-negative integer, got {_show(page)}")
+        if cursor is not None and not isinstance(cursor, dict):
+            raise InvalidMessageError("cursor must be an object or null")
+        return cls(run_id=run_id, page=page, cursor=cursor)

@@ -16,6 +16,7 @@ This module does not import ``azure.functions``: the function folders are thin a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from ._catalog import RetiredOfferCatalog
-from ._client import PartnerCenterClient, deterministic_request_id
+from ._client import PageRequest, PartnerCenterClient, deterministic_request_id
 from ._exceptions import (
     ConcurrencyConflict,
     ConflictError,
@@ -35,10 +36,11 @@ from ._exceptions import (
     TransportError,
 )
 from ._ledger import MigrationLedger, MigrationRecord, UserOutcome, utcnow
-from ._messages import StepMessage
-from ._models import Order, Subscription, same_id
+from ._messages import ScanMessage, StepMessage
+from ._models import CustomerUser, Order, Subscription, same_id
 from ._queues import QueueSender
-from ._scan import Candidate, LeftAlone, scan_all
+from ._scan import Candidate, CustomerScan, LeftAlone, scan_all
+from ._scan import scan_page as scan_customers_page
 from ._settings import Settings, is_guid
 
 logger = logging.getLogger("d365_migration.pipeline")
@@ -103,43 +105,106 @@ class MigrationService:
     # ================================================================== 1. detect
 
     async def detect(self) -> DetectReport:
-        """Scan every customer; one ledger record per candidate (idempotent); purchase messages unless DRY_RUN."""
+        """Scan every customer in this invocation (the CLI and small tenants); see :meth:`scan_page` for the
+        fanned-out form the functions use."""
         report = DetectReport()
-        now = self._clock()
-        budget = self.settings.max_purchases_per_run
-        async for scan in scan_all(self.client, self.catalog, now=now, window_days=self.settings.expiry_window_days,
+        async for scan in scan_all(self.client, self.catalog, now=self._clock(),
+                                   window_days=self.settings.expiry_window_days,
                                    concurrency=self.settings.max_concurrency):
-            report.customers += 1
-            if scan.error:
-                report.errors.append(f"customer {scan.customer.id}: {scan.error}")
-                logger.warning("event=scan_error customer=%s %s", scan.customer.id, scan.error)
-            report.left_alone.extend(scan.left_alone)
-            for candidate in scan.candidates:
-                if not self.settings.customer_in_scope(candidate.customer.id):
-                    report.out_of_scope += 1
-                    report.left_alone.append(LeftAlone(candidate.customer.id, candidate.subscription.id,
-                                                       candidate.subscription.offer_name,
-                                                       "customer excluded by CUSTOMER_ALLOWLIST/CUSTOMER_DENYLIST"))
-                    continue
-                report.candidates.append(candidate)
-                record, created = await self.ledger.create_if_absent(self._new_record(candidate))
-                report.new_records += int(created)
-                if created:
-                    _log(record, logging.INFO, "event=detected offer=%r quantity=%d ends=%s",
-                         record.offer_name, record.quantity, record.commitment_end)
-                if self.settings.dry_run or record.state != "detected":
-                    continue
-                if len(report.purchase_messages) >= budget:
-                    report.braked += 1
-                    reason = (f"safety brake: this run already queued MAX_PURCHASES_PER_RUN={budget} purchases; "
-                              "review, then re-drive with `python -m d365_migration retry` or raise the limit")
-                    await self._save_transition(record, "blocked", "purchase_brake", reason)
-                    continue
-                report.purchase_messages.append(self._message("purchase", record))
+            waiting = await self._admit(scan, report)
+            granted = max(0, min(len(waiting), self.settings.max_purchases_per_run - len(report.purchase_messages)))
+            await self._queue_or_brake(waiting, granted, report)
         logger.info("event=detect_done customers=%d candidates=%d new=%d queued=%d dry_run=%s",
                     report.customers, len(report.candidates), report.new_records, len(report.purchase_messages),
                     self.settings.dry_run)
         return report
+
+    def start_scan(self, run_id: str | None = None) -> ScanMessage:
+        """The timer's job: start a detection run by queueing its first page."""
+        run_id = run_id or self._clock().strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        logger.info("event=detect_started run=%s", run_id)
+        return ScanMessage(run_id=run_id, page=0, cursor=None)
+
+    def scan_page_size(self) -> int:
+        """Customers per scan invocation: about a quarter of the invocation budget at the configured rate (each
+        customer costs one subscriptions call), between 20 and 500."""
+        per_second = self.settings.requests_per_minute / 60.0
+        return int(max(20, min(500, per_second * self.settings.invocation_budget_seconds / 4)))
+
+    async def scan_page(self, message: ScanMessage) -> tuple[DetectReport, ScanMessage | None]:
+        """One page of a detection run: record its candidates, queue their purchases, and return the message for the
+        next page. A page already scanned in this run is not scanned again (its marker holds the next cursor)."""
+        report = DetectReport()
+        try:
+            marker = await self.ledger.claim_scan_page(message.run_id, message.page, self.worker_id,
+                                                       lease=self._lease)
+        except ConcurrencyConflict as exc:
+            logger.info("scan page %d of run %s skipped: %s", message.page, message.run_id, exc)
+            return report, None
+        if marker is not None and "done" in marker:
+            raw = marker["done"].get("NextCursor") or ""
+            nxt = ScanMessage(message.run_id, message.page + 1, json.loads(raw)) if raw else None
+            return report, nxt
+        cursor = (PageRequest.from_json(message.cursor) if message.cursor
+                  else self.client.first_customer_page(self.scan_page_size()))
+        customers, next_page = await self.client.customer_page(cursor)
+        scans = await scan_customers_page(self.client, customers, self.catalog, now=self._clock(),
+                                window_days=self.settings.expiry_window_days,
+                                concurrency=self.settings.max_concurrency)
+        waiting: list[MigrationRecord] = []
+        for scan in scans:
+            waiting += await self._admit(scan, report)
+        granted = await self.ledger.reserve_purchases(message.run_id, len(waiting),
+                                                      self.settings.max_purchases_per_run)
+        await self._queue_or_brake(waiting, granted, report)
+        next_json = json.dumps(next_page.to_json()) if next_page else None
+        await self.ledger.complete_scan_page(message.run_id, message.page, next_cursor=next_json,
+                                             customers=len(customers), candidates=len(report.candidates))
+        logger.info("event=scan_page run=%s page=%d customers=%d candidates=%d queued=%d", message.run_id,
+                    message.page, len(customers), len(report.candidates), len(report.purchase_messages))
+        nxt = ScanMessage(message.run_id, message.page + 1, next_page.to_json()) if next_page else None
+        if nxt is None:
+            logger.info("event=detect_done run=%s pages=%d", message.run_id, message.page + 1)
+        return report, nxt
+
+    async def _admit(self, scan: CustomerScan, report: DetectReport) -> list[MigrationRecord]:
+        """Record one customer's candidates (idempotently); return the records waiting for a purchase message."""
+        report.customers += 1
+        if scan.error:
+            report.errors.append(f"customer {scan.customer.id}: {scan.error}")
+            logger.warning("event=scan_error customer=%s %s", scan.customer.id, scan.error)
+        report.left_alone.extend(scan.left_alone)
+        waiting: list[MigrationRecord] = []
+        for candidate in scan.candidates:
+            if not self.settings.customer_in_scope(candidate.customer.id):
+                report.out_of_scope += 1
+                report.left_alone.append(LeftAlone(candidate.customer.id, candidate.subscription.id,
+                                                   candidate.subscription.offer_name,
+                                                   "customer excluded by CUSTOMER_ALLOWLIST/CUSTOMER_DENYLIST"))
+                continue
+            report.candidates.append(candidate)
+            record, created = await self.ledger.create_if_absent(self._new_record(candidate))
+            report.new_records += int(created)
+            if created:
+                _log(record, logging.INFO, "event=detected offer=%r quantity=%d ends=%s",
+                     record.offer_name, record.quantity, record.commitment_end)
+            if not self.settings.dry_run and record.state == "detected":
+                waiting.append(record)
+        return waiting
+
+    async def _queue_or_brake(self, waiting: list[MigrationRecord], granted: int, report: DetectReport) -> None:
+        for i, record in enumerate(waiting):
+            if i < granted:
+                report.purchase_messages.append(self._message("purchase", record))
+                continue
+            report.braked += 1
+            reason = (f"safety brake: this run already queued MAX_PURCHASES_PER_RUN="
+                      f"{self.settings.max_purchases_per_run} purchases; review, then re-drive with "
+                      "`python -m d365_migration retry` or raise the limit")
+            try:
+                await self._save_transition(record, "blocked", "purchase_brake", reason)
+            except ConcurrencyConflict:
+                logger.info("record changed while braking; leaving it as it is")
 
     def _new_record(self, candidate: Candidate) -> MigrationRecord:
         sub = candidate.subscription
@@ -464,76 +529,80 @@ class MigrationService:
                                                  "needs moving")
             return StepResult([self._message("suspend", record)], record, "reassigned")
 
-        # Who holds the old SKU? Users are paged; licenses are read concurrently (the client paces them).
-        holders: list[tuple[str, str | None, bool]] = []  # (user id, upn, already has new)
-        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
-
-        async def inspect(user_id: str, upn: str | None) -> None:
-            async with semaphore:
-                skus = {lic.product_sku.id.lower() for lic in await self.client.get_user_licenses(
-                    record.customer_id, user_id)}
-            if old_sku in skus:
-                holders.append((user_id, upn, new_sku in skus))
-
-        batch: list[asyncio.Task[None]] = []
-        async for user in self.client.list_users(record.customer_id):
-            batch.append(asyncio.ensure_future(inspect(user.id, user.user_principal_name)))
-            if len(batch) >= 200:
-                await asyncio.gather(*batch)
-                batch = []
-        await asyncio.gather(*batch)
-
-        need_units = sum(1 for _, _, has_new in holders if not has_new)
-        if need_units:
-            skus = {s.product_sku.id.lower(): s for s in await self.client.list_subscribed_skus(record.customer_id)}
-            available = skus[new_sku].available_units if new_sku in skus else 0
-            if available < need_units:
-                if message.poll < 10:
-                    raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
-                record = await self._save_transition(
-                    record, "blocked", "not_enough_licenses",
-                    f"{need_units} users hold the old SKU but only {available} units of the new SKU are free; "
-                    "buy more, then `python -m d365_migration retry`")
-                return StepResult([], record, "blocked")
-
-        moved = skipped = 0
-        failures: list[str] = []
+        # Page by page: find who holds the old SKU (licenses read concurrently; the client paces them), check the
+        # new SKU has room, move them with one atomic assign+remove each, then checkpoint the next page's cursor in
+        # the record — so a customer with thousands of users resumes where the last invocation stopped.
         budget = timedelta(seconds=self.settings.invocation_budget_seconds)
-        for user_id, upn, has_new in holders:
+        page: PageRequest | None = (PageRequest.from_json(json.loads(record.users_cursor)) if record.users_cursor
+                                    else self.client.first_user_page(record.customer_id))
+        while page is not None:
             if utcnow() - started > budget:
-                record = await self._save_transition(record, "reassigning", "paused",
-                                                     f"{moved} moved this pass; resuming in a new invocation",
-                                                     users_moved=record.users_moved + moved)
-                holder["record"] = record
-                raise RetryLater("invocation budget reached; continuing", delay=0)
-            try:
-                await self.client.update_user_licenses(
-                    record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
-                    request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
-                                                        user_id))
-            except PartnerCenterApiError as exc:
-                if exc.status >= 500:
-                    raise
-                who = upn or user_id
-                failures.append(f"{who}: {exc.description} (code {exc.code})")
-                await self.ledger.record_user(record, UserOutcome(user_id, "failed", str(exc), upn))
-                continue
-            outcome = "skipped" if has_new else "moved"
-            moved += outcome == "moved"
-            skipped += outcome == "skipped"
-            await self.ledger.record_user(record, UserOutcome(user_id, outcome, None, upn))
+                raise RetryLater("invocation budget reached; continuing from the saved users page", delay=0)
+            users, next_page = await self.client.user_page(page)
+            holders = await self._holders(record, users, old_sku, new_sku)
+            need_units = sum(1 for _, _, has_new in holders if not has_new)
+            if need_units:
+                skus = {s.product_sku.id.lower(): s
+                        for s in await self.client.list_subscribed_skus(record.customer_id)}
+                available = skus[new_sku].available_units if new_sku in skus else 0
+                if available < need_units:
+                    if message.poll < 10:
+                        raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
+                    record = await self._save_transition(
+                        record, "blocked", "not_enough_licenses",
+                        f"{need_units} users hold the old SKU but only {available} units of the new SKU are free; "
+                        "buy more, then `python -m d365_migration retry`")
+                    return StepResult([], record, "blocked")
+            moved = skipped = 0
+            failures: list[str] = []
+            for user_id, upn, has_new in holders:
+                try:
+                    await self.client.update_user_licenses(
+                        record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
+                        request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
+                                                            user_id))
+                except PartnerCenterApiError as exc:
+                    if exc.status >= 500 or exc.status == 429:
+                        raise
+                    failures.append(f"{upn or user_id}: {exc.description} (code {exc.code})")
+                    await self.ledger.record_user(record, UserOutcome(user_id, "failed", str(exc), upn))
+                    continue
+                moved += not has_new
+                skipped += has_new
+                await self.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", None,
+                                                                  upn))
+            all_failures = "; ".join(x for x in (record.user_failures, *failures) if x) or None
+            record = await self.ledger.save(replace(
+                record, users_moved=record.users_moved + moved, users_skipped=record.users_skipped + skipped,
+                users_failed=record.users_failed + len(failures), user_failures=all_failures,
+                users_cursor=json.dumps(next_page.to_json()) if next_page else None, updated_at=utcnow().isoformat()))
+            holder["record"] = record
+            page = next_page
 
-        record = replace(record, users_moved=record.users_moved + moved, users_skipped=record.users_skipped + skipped,
-                         users_failed=len(failures))
-        if failures:
+        if record.users_failed:
             record = await self._save_transition(
                 record, "blocked", "user_license_failed",
-                f"{len(failures)} user(s) could not be moved, so the old subscription stays active: "
-                + "; ".join(failures[:5]))
+                f"{record.users_failed} user(s) could not be moved, so the old subscription stays active: "
+                + (record.user_failures or "")[:700], users_failed=0, user_failures=None)
             return StepResult([], record, "blocked")
         record = await self._save_transition(record, "reassigned", "licenses_moved",
-                                             f"{moved} moved, {skipped} already on the new SKU")
+                                             f"{record.users_moved} moved, {record.users_skipped} already on the "
+                                             "new SKU")
         return StepResult([self._message("suspend", record)], record, "reassigned")
+
+    async def _holders(self, record: MigrationRecord, users: list[CustomerUser], old_sku: str,
+                       new_sku: str) -> list[tuple[str, str | None, bool]]:
+        """(user id, UPN, already has the new SKU) of the users on this page who hold the old SKU."""
+        semaphore = asyncio.Semaphore(self.settings.max_concurrency)
+
+        async def inspect(user: CustomerUser) -> tuple[str, str | None, bool] | None:
+            async with semaphore:
+                licenses = await self.client.get_user_licenses(record.customer_id, user.id)
+            skus = {lic.product_sku.id.lower() for lic in licenses}
+            return (user.id, user.user_principal_name, new_sku in skus) if old_sku in skus else None
+
+        found = await asyncio.gather(*(inspect(u) for u in users))
+        return [h for h in found if h is not None]
 
     # ================================================================== 4. suspend
 

@@ -219,6 +219,30 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
     return run_demo(customers=args.customers, seed=args.seed, timeout=args.timeout, out=out)
 
 
+# ---------------------------------------------------------------------------------------------------- sandbox
+
+
+def _serve_sandbox(port: int, customers: int, seed: int, out: TextIO) -> int:
+    import time
+
+    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxServer, SandboxState, seed_world
+
+    state = SandboxState()
+    manifest = seed_world(state, customers=customers, seed=seed)
+    with SandboxServer(state, port=port) as server:
+        out.write(f"Partner Center sandbox on {server.url} ({customers} customers, "
+                  f"{len(manifest.expected)} expiring qualified subscriptions). State: {server.url}/_sandbox/state\n"
+                  f"Try:\n  export PARTNER_CENTER_ENDPOINT={server.url} PARTNER_CENTER_AUTH=none\n"
+                  f"  export REPLACEMENT_OFFERS='{json.dumps(DEMO_REPLACEMENT_OFFERS)}'\n"
+                  "  python -m d365_migration plan\nCtrl-C stops it.\n")
+        out.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -257,10 +281,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "demo":
             return _demo(args, out)
         if args.command == "sandbox":
-            from .sandbox import serve_forever
-
-            serve_forever(port=args.port, customers=args.customers, seed=args.seed)
-            return 0
+            return _serve_sandbox(args.port, args.customers, args.seed, out)
         settings = Settings.from_env()
         if args.command == "consent":
             from ._consent import run_consent

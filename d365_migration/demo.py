@@ -53,7 +53,11 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
                 problems.append(f"{where}: bought {p['offer_id']}, expected {em.replacement_catalog_item_id}")
             if int(p["quantity"]) != em.quantity:
                 problems.append(f"{where}: bought quantity {p['quantity']}, expected {em.quantity}")
-        new_sku = sku_for_offer(em.replacement_catalog_item_id).id.lower()
+        granted = sku_for_offer(em.replacement_catalog_item_id)
+        if granted is None:
+            problems.append(f"{where}: the sandbox does not know replacement {em.replacement_catalog_item_id}")
+            continue
+        new_sku = granted.id.lower()
         old_sku = em.old_sku_id.lower()
         for user in state.users(cid):
             skus = set(state.user_licenses(cid, user["id"]))

@@ -496,6 +496,16 @@ def test_every_bicep_file_is_balanced() -> None:
             pytest.fail(f"{path.relative_to(ROOT)}: {exc}")
 
 
+def test_every_bicep_file_parses_with_the_tree_sitter_grammar() -> None:
+    """A second, independent syntax check; runs where tree-sitter-bicep is installed (optional dev extra)."""
+    tsb = pytest.importorskip("tree_sitter_bicep")
+    tree_sitter = pytest.importorskip("tree_sitter")
+    parser = tree_sitter.Parser(tree_sitter.Language(tsb.language()))
+    for path in all_bicep_files():
+        tree = parser.parse(path.read_bytes())
+        assert not tree.root_node.has_error, f"{path.relative_to(ROOT)} has a syntax error"
+
+
 def test_main_targets_subscription_and_creates_the_resource_group() -> None:
     main = bicep("main.bicep")
     assert re.search(r"^targetScope\s*=\s*'subscription'\s*$", main.code, re.MULTILINE)
