@@ -59,8 +59,8 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
     credential = build_credential(settings)
     client = PartnerCenterClient(
         settings.endpoint, credential,
-        requests_per_minute=settings.requests_per_minute,
-        license_requests_per_minute=settings.license_requests_per_minute,
+        requests_per_minute=settings.instance_requests_per_minute,
+        license_requests_per_minute=settings.instance_license_requests_per_minute,
         max_concurrency=settings.max_concurrency,
         **client_options,
     )
@@ -118,7 +118,7 @@ async def run_scan(body: bytes) -> StepOutputs:
         return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
                                               "body": body[:4096].decode("utf-8", "replace")}))
     try:
-        report, nxt = await get_service().scan_page(message)
+        report = await get_service().scan_page(message)
     except ValueError as exc:  # a cursor that is not ours
         logger.error("event=message_poisoned queue=%s reason=%s", SCAN_QUEUE, exc)
         return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
@@ -126,8 +126,6 @@ async def run_scan(body: bytes) -> StepOutputs:
     outputs = StepOutputs()
     if report.purchase_messages:
         outputs.messages[QUEUE_FOR_STEP["purchase"]] = report.bodies()
-    if nxt is not None:
-        outputs.messages[SCAN_QUEUE] = [nxt.to_json()]
     return outputs
 
 

@@ -36,7 +36,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._ledger import MigrationLedger, MigrationRecord, UserOutcome, utcnow
-from ._messages import ScanMessage, StepMessage
+from ._messages import SCAN_QUEUE, ScanMessage, StepMessage
 from ._models import CustomerUser, Order, Subscription, same_id
 from ._queues import QueueSender
 from ._scan import Candidate, CustomerScan, LeftAlone, scan_all
@@ -131,23 +131,28 @@ class MigrationService:
         per_second = self.settings.requests_per_minute / 60.0
         return int(max(20, min(500, per_second * self.settings.invocation_budget_seconds / 4)))
 
-    async def scan_page(self, message: ScanMessage) -> tuple[DetectReport, ScanMessage | None]:
-        """One page of a detection run: record its candidates, queue their purchases, and return the message for the
-        next page. A page already scanned in this run is not scanned again (its marker holds the next cursor)."""
+    async def scan_page(self, message: ScanMessage) -> DetectReport:
+        """One page of a detection run: queue the next page, record this page's candidates and return the report
+        (its purchase messages go out through the function's output binding). A page already scanned in this run
+        is not scanned again."""
         report = DetectReport()
         try:
             marker = await self.ledger.claim_scan_page(message.run_id, message.page, self.worker_id,
                                                        lease=self._lease)
         except ConcurrencyConflict as exc:
             logger.info("scan page %d of run %s skipped: %s", message.page, message.run_id, exc)
-            return report, None
+            return report
         if marker is not None and "done" in marker:
-            raw = marker["done"].get("NextCursor") or ""
-            nxt = ScanMessage(message.run_id, message.page + 1, json.loads(raw)) if raw else None
-            return report, nxt
+            logger.info("scan page %d of run %s was already scanned", message.page, message.run_id)
+            return report
         cursor = (PageRequest.from_json(message.cursor) if message.cursor
                   else self.client.first_customer_page(self.scan_page_size()))
         customers, next_page = await self.client.customer_page(cursor)
+        nxt = ScanMessage(message.run_id, message.page + 1, next_page.to_json()) if next_page else None
+        if nxt is not None:
+            # Queue the next page now, not when this one is done: another worker can fetch and scan it while this
+            # one reads its customers' subscriptions. Each page's marker keeps a redelivery from scanning twice.
+            await self.queues.send(SCAN_QUEUE, nxt.to_json())
         scans = await scan_customers_page(self.client, customers, self.catalog, now=self._clock(),
                                 window_days=self.settings.expiry_window_days,
                                 concurrency=self.settings.max_concurrency)
@@ -162,10 +167,9 @@ class MigrationService:
                                              customers=len(customers), candidates=len(report.candidates))
         logger.info("event=scan_page run=%s page=%d customers=%d candidates=%d queued=%d", message.run_id,
                     message.page, len(customers), len(report.candidates), len(report.purchase_messages))
-        nxt = ScanMessage(message.run_id, message.page + 1, next_page.to_json()) if next_page else None
         if nxt is None:
             logger.info("event=detect_done run=%s pages=%d", message.run_id, message.page + 1)
-        return report, nxt
+        return report
 
     async def _admit(self, scan: CustomerScan, report: DetectReport) -> list[MigrationRecord]:
         """Record one customer's candidates (idempotently); return the records waiting for a purchase message."""

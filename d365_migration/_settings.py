@@ -42,6 +42,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "PARTNER_CENTER_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_MAX_CONCURRENCY",
+    "PARTNER_CENTER_INSTANCES",
     "MAX_PURCHASES_PER_RUN",
     "CUSTOMER_ALLOWLIST",
     "CUSTOMER_DENYLIST",
@@ -137,6 +138,7 @@ class Settings:
     requests_per_minute: int = 500
     license_requests_per_minute: int = 300
     max_concurrency: int = 16
+    instances: int = 1  # how many app instances share the tenant budget (the scale-out cap)
     max_purchases_per_run: int = 50
     customer_allowlist: frozenset[str] = frozenset()
     customer_denylist: frozenset[str] = frozenset()
@@ -145,6 +147,16 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         return load_settings(os.environ if env is None else env)
+
+    @property
+    def instance_requests_per_minute(self) -> float:
+        """This instance's share of the tenant budget: Partner Center counts per partner tenant, and every instance
+        runs its own limiter, so the budget is split across the capped instance count."""
+        return self.requests_per_minute / self.instances
+
+    @property
+    def instance_license_requests_per_minute(self) -> float:
+        return self.license_requests_per_minute / self.instances
 
     def customer_in_scope(self, customer_id: str) -> bool:
         cid = customer_id.lower()
@@ -267,6 +279,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),
+        instances=_int(env, "PARTNER_CENTER_INSTANCES", 1, minimum=1, maximum=1000),
         max_purchases_per_run=_int(env, "MAX_PURCHASES_PER_RUN", 50, minimum=0),
         customer_allowlist=_guid_set(env, "CUSTOMER_ALLOWLIST"),
         customer_denylist=_guid_set(env, "CUSTOMER_DENYLIST"),

@@ -25,9 +25,13 @@ from ._settings import Settings
 
 
 def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
-                 initial_status: dict[str, str]) -> list[str]:
-    """Everything that is wrong with the sandbox's final state; an empty list means the run was exactly right."""
-    from .sandbox import sku_for_offer
+                 initial_status: dict[str, str], replacement_offers: dict[str, dict[str, str]] | None = None
+                 ) -> list[str]:
+    """Everything that is wrong with the sandbox's final state; an empty list means the run was exactly right.
+    ``replacement_offers`` is the REPLACEMENT_OFFERS mapping used (default: the sandbox's new-commerce ids)."""
+    from .sandbox import DEMO_REPLACEMENT_OFFERS, sku_for_offer
+
+    offers = replacement_offers or DEMO_REPLACEMENT_OFFERS
 
     problems: list[str] = []
     by_key = {(r.customer_id, r.subscription_id): r for r in records}
@@ -45,17 +49,18 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
             continue
         if record.state != "completed":
             problems.append(f"{where}: record is {record.state} ({record.reason})")
+        replacement = offers[em.family][em.audience]
         mine = [p for p in purchases if p["customer_id"].lower() == cid and record.tag in (p["friendly_name"] or "")]
         if len(mine) != 1:
             problems.append(f"{where}: {len(mine)} purchases for this record (expected exactly 1)")
         for p in mine:
-            if str(p["offer_id"]).lower() != em.replacement_catalog_item_id.lower():
-                problems.append(f"{where}: bought {p['offer_id']}, expected {em.replacement_catalog_item_id}")
+            if str(p["offer_id"]).lower() != replacement.lower():
+                problems.append(f"{where}: bought {p['offer_id']}, expected {replacement}")
             if int(p["quantity"]) != em.quantity:
                 problems.append(f"{where}: bought quantity {p['quantity']}, expected {em.quantity}")
-        granted = sku_for_offer(em.replacement_catalog_item_id)
+        granted = sku_for_offer(replacement)
         if granted is None:
-            problems.append(f"{where}: the sandbox does not know replacement {em.replacement_catalog_item_id}")
+            problems.append(f"{where}: the sandbox does not know replacement {replacement}")
             continue
         new_sku = granted.id.lower()
         old_sku = em.old_sku_id.lower()

@@ -129,10 +129,10 @@ param ledgerTableName string = 'migrations'
 // ---- Scale, alerts, package --------------------------------------------------------------------------------------
 
 // Scale-out cap. Partner Center throttles per PARTNER tenant (all callers of one partner share one budget), so
-// more instances do not mean more throughput: they only multiply the per-process request budgets above and turn
-// into 429s. A handful of instances is plenty for a migration; raise it only together with lower per-instance
-// PARTNER_CENTER_*_REQUESTS_PER_MINUTE values. Note: values below 40 were rolled out region by region in 2026; if a
-// region rejects the value, use 40 and divide the per-minute budgets accordingly.
+// more instances do not mean more throughput. The app splits the PARTNER_CENTER_*_REQUESTS_PER_MINUTE budgets
+// (the tenant's) by this number (PARTNER_CENTER_INSTANCES), so all instances together stay within them; a 429 still
+// halves an instance's pace (AIMD) as a safety net. Note: values below 40 were rolled out region by region in 2026;
+// if a region rejects the value, 40 works too (each instance then gets 1/40 of the budget).
 @description('Flex Consumption maximumInstanceCount. Kept small on purpose: Partner Center rate limits are per partner tenant.')
 @minValue(1)
 @maxValue(1000)

@@ -167,6 +167,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PARTNER_CENTER_REQUESTS_PER_MINUTE: string(partnerCenterRequestsPerMinute)
     PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE: string(partnerCenterLicenseRequestsPerMinute)
     PARTNER_CENTER_MAX_CONCURRENCY: string(partnerCenterMaxConcurrency)
+    // The per-minute budgets above are the partner tenant's; each instance takes 1/maximumInstanceCount of them.
+    PARTNER_CENTER_INSTANCES: string(maximumInstanceCount)
     PROVISIONING_POLL_SECONDS: string(provisioningPollSeconds)
     PROVISIONING_TIMEOUT_MINUTES: string(provisioningTimeoutMinutes)
     INVOCATION_BUDGET_SECONDS: string(invocationBudgetSeconds)
