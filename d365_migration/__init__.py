@@ -1,77 +1,200 @@
 """d365_migration: move CSP customers off retired Dynamics 365 Qualified Offers, unattended and safely.
 
-The public names are re-exported here from small private modules. Function folders import only
-``run_detect`` / ``run_step``; the rest is for the CLI, tests and partners who script against the package.
+The public names are re-exported here from small private modules, lazily: a function folder that imports
+``run_step`` does not pay for the Storage and HTTP SDKs until its first invocation (cold start).
 """
 
-from ._app import StepOutputs, build_service, get_service, run_detect, run_scan, run_step
-from ._catalog import RetiredOffer, RetiredOfferCatalog, normalize_offer_name
-from ._client import PartnerCenterClient, deterministic_request_id
-from ._exceptions import (
-    AuthenticationError,
-    ClientError,
-    ConcurrencyConflict,
-    ConfigurationError,
-    ConflictError,
-    InvalidMessageError,
-    LedgerError,
-    MalformedResponseError,
-    MigrationError,
-    NotFoundError,
-    PartnerCenterApiError,
-    PartnerCenterError,
-    PreconditionFailedError,
-    ServerError,
-    ThrottledError,
-    TransportError,
-)
-from ._ledger import FINAL_STATES, STATES, MigrationLedger, MigrationRecord, UserOutcome
-from ._messages import QUEUE_FOR_STEP, StepMessage
-from ._pipeline import DetectReport, MigrationService, StepResult
-from ._queues import QueueSender
-from ._settings import APP_SETTINGS, ReplacementOffers, Settings, load_settings
+from __future__ import annotations
 
-__all__ = [
-    "APP_SETTINGS",
-    "FINAL_STATES",
-    "QUEUE_FOR_STEP",
-    "STATES",
-    "AuthenticationError",
-    "ClientError",
-    "ConcurrencyConflict",
-    "ConfigurationError",
-    "ConflictError",
-    "DetectReport",
-    "InvalidMessageError",
-    "LedgerError",
-    "MalformedResponseError",
-    "MigrationError",
-    "MigrationLedger",
-    "MigrationRecord",
-    "MigrationService",
-    "NotFoundError",
-    "PartnerCenterApiError",
-    "PartnerCenterClient",
-    "PartnerCenterError",
-    "PreconditionFailedError",
-    "QueueSender",
-    "ReplacementOffers",
-    "RetiredOffer",
-    "RetiredOfferCatalog",
-    "ServerError",
-    "Settings",
-    "StepMessage",
-    "StepOutputs",
-    "StepResult",
-    "ThrottledError",
-    "TransportError",
-    "UserOutcome",
-    "build_service",
-    "deterministic_request_id",
-    "get_service",
-    "load_settings",
-    "normalize_offer_name",
-    "run_detect",
-    "run_scan",
-    "run_step",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "StepOutputs": "_app",
+    "build_service": "_app",
+    "get_service": "_app",
+    "run_detect": "_app",
+    "run_scan": "_app",
+    "run_step": "_app",
+    "RetiredOffer": "_catalog",
+    "RetiredOfferCatalog": "_catalog",
+    "normalize_offer_name": "_catalog",
+    "PartnerCenterClient": "_client",
+    "deterministic_request_id": "_client",
+    "AuthenticationError": "_exceptions",
+    "ClientError": "_exceptions",
+    "ConcurrencyConflict": "_exceptions",
+    "ConfigurationError": "_exceptions",
+    "ConflictError": "_exceptions",
+    "InvalidMessageError": "_exceptions",
+    "LedgerError": "_exceptions",
+    "MalformedResponseError": "_exceptions",
+    "MigrationError": "_exceptions",
+    "NotFoundError": "_exceptions",
+    "PartnerCenterApiError": "_exceptions",
+    "PartnerCenterError": "_exceptions",
+    "PreconditionFailedError": "_exceptions",
+    "ServerError": "_exceptions",
+    "ThrottledError": "_exceptions",
+    "TransportError": "_exceptions",
+    "FINAL_STATES": "_ledger",
+    "STATES": "_ledger",
+    "MigrationLedger": "_ledger",
+    "MigrationRecord": "_ledger",
+    "UserOutcome": "_ledger",
+    "QUEUE_FOR_STEP": "_messages",
+    "StepMessage": "_messages",
+    "DetectReport": "_pipeline",
+    "MigrationService": "_pipeline",
+    "StepResult": "_pipeline",
+    "QueueSender": "_queues",
+    "APP_SETTINGS": "_settings",
+    "ReplacementOffers": "_settings",
+    "Settings": "_settings",
+    "load_settings": "_settings",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'd365_migration' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._app import (
+        StepOutputs as StepOutputs,
+    )
+    from ._app import (
+        build_service as build_service,
+    )
+    from ._app import (
+        get_service as get_service,
+    )
+    from ._app import (
+        run_detect as run_detect,
+    )
+    from ._app import (
+        run_scan as run_scan,
+    )
+    from ._app import (
+        run_step as run_step,
+    )
+    from ._catalog import (
+        RetiredOffer as RetiredOffer,
+    )
+    from ._catalog import (
+        RetiredOfferCatalog as RetiredOfferCatalog,
+    )
+    from ._catalog import (
+        normalize_offer_name as normalize_offer_name,
+    )
+    from ._client import (
+        PartnerCenterClient as PartnerCenterClient,
+    )
+    from ._client import (
+        deterministic_request_id as deterministic_request_id,
+    )
+    from ._exceptions import (
+        AuthenticationError as AuthenticationError,
+    )
+    from ._exceptions import (
+        ClientError as ClientError,
+    )
+    from ._exceptions import (
+        ConcurrencyConflict as ConcurrencyConflict,
+    )
+    from ._exceptions import (
+        ConfigurationError as ConfigurationError,
+    )
+    from ._exceptions import (
+        ConflictError as ConflictError,
+    )
+    from ._exceptions import (
+        InvalidMessageError as InvalidMessageError,
+    )
+    from ._exceptions import (
+        LedgerError as LedgerError,
+    )
+    from ._exceptions import (
+        MalformedResponseError as MalformedResponseError,
+    )
+    from ._exceptions import (
+        MigrationError as MigrationError,
+    )
+    from ._exceptions import (
+        NotFoundError as NotFoundError,
+    )
+    from ._exceptions import (
+        PartnerCenterApiError as PartnerCenterApiError,
+    )
+    from ._exceptions import (
+        PartnerCenterError as PartnerCenterError,
+    )
+    from ._exceptions import (
+        PreconditionFailedError as PreconditionFailedError,
+    )
+    from ._exceptions import (
+        ServerError as ServerError,
+    )
+    from ._exceptions import (
+        ThrottledError as ThrottledError,
+    )
+    from ._exceptions import (
+        TransportError as TransportError,
+    )
+    from ._ledger import (
+        FINAL_STATES as FINAL_STATES,
+    )
+    from ._ledger import (
+        STATES as STATES,
+    )
+    from ._ledger import (
+        MigrationLedger as MigrationLedger,
+    )
+    from ._ledger import (
+        MigrationRecord as MigrationRecord,
+    )
+    from ._ledger import (
+        UserOutcome as UserOutcome,
+    )
+    from ._messages import (
+        QUEUE_FOR_STEP as QUEUE_FOR_STEP,
+    )
+    from ._messages import (
+        StepMessage as StepMessage,
+    )
+    from ._pipeline import (
+        DetectReport as DetectReport,
+    )
+    from ._pipeline import (
+        MigrationService as MigrationService,
+    )
+    from ._pipeline import (
+        StepResult as StepResult,
+    )
+    from ._queues import (
+        QueueSender as QueueSender,
+    )
+    from ._settings import (
+        APP_SETTINGS as APP_SETTINGS,
+    )
+    from ._settings import (
+        ReplacementOffers as ReplacementOffers,
+    )
+    from ._settings import (
+        Settings as Settings,
+    )
+    from ._settings import (
+        load_settings as load_settings,
+    )

@@ -15,16 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._catalog import RetiredOfferCatalog
-from ._client import PartnerCenterClient, TokenSource
 from ._exceptions import ConfigurationError, InvalidMessageError
-from ._ledger import MigrationLedger
 from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
-from ._pipeline import MigrationService
-from ._queues import QueueSender
 from ._settings import Settings
+
+if TYPE_CHECKING:  # the heavy modules (httpx, Storage SDKs) load on first use, not at import: faster cold start
+    from ._client import TokenSource
+    from ._ledger import MigrationLedger
+    from ._pipeline import MigrationService
+    from ._queues import QueueSender
 
 logger = logging.getLogger("d365_migration.app")
 
@@ -32,6 +33,9 @@ _services: dict[int, MigrationService] = {}
 
 
 def storage_clients(settings: Settings) -> tuple[MigrationLedger, QueueSender]:
+    from ._ledger import MigrationLedger
+    from ._queues import QueueSender
+
     if settings.storage_connection:
         return (MigrationLedger.from_connection_string(settings.storage_connection, settings.ledger_table),
                 QueueSender.from_connection_string(settings.storage_connection))
@@ -55,6 +59,10 @@ def build_credential(settings: Settings) -> TokenSource | None:
 
 
 def build_service(settings: Settings, **client_options: Any) -> MigrationService:
+    from ._catalog import RetiredOfferCatalog
+    from ._client import PartnerCenterClient
+    from ._pipeline import MigrationService
+
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
     credential = build_credential(settings)
     client = PartnerCenterClient(
