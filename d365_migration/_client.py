@@ -373,6 +373,17 @@ class PartnerCenterClient:
         return Order.parse(await self.request("POST", path, json_body=body, request_id=request_id,
                                               idempotent=False))
 
+    async def list_orders(self, customer_id: str) -> list[Order]:
+        path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders"
+        body = await self.request("GET", path)
+        orders = []
+        for item in _items(body, "orders", path):
+            try:
+                orders.append(Order.parse(item))
+            except MalformedResponseError:
+                continue  # one odd order must not hide ours
+        return orders
+
     async def get_order(self, customer_id: str, order_id: str) -> Order:
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders/{_segment(order_id, 'order id')}"
         return Order.parse(await self.request("GET", path))

@@ -31,7 +31,6 @@ from ._exceptions import (
     InvalidMessageError,
     NotFoundError,
     PartnerCenterApiError,
-    PartnerCenterError,
     PreconditionFailedError,
     TransportError,
 )
@@ -44,6 +43,10 @@ from ._scan import scan_page as scan_customers_page
 from ._settings import Settings, is_guid
 
 logger = logging.getLogger("d365_migration.pipeline")
+
+
+# Partner Center: "After submission, an order can take up to 15 minutes to appear in the customer's order list."
+ORDER_LIST_LAG = timedelta(minutes=15)
 
 
 class RetryLater(Exception):
@@ -341,8 +344,9 @@ class MigrationService:
                 purchase_started_at=utcnow().isoformat())
             holder["record"] = record
 
+        record = await self._recover_order(holder)
         new_sub = await self._find_replacement(record)
-        if new_sub is None:
+        if new_sub is None and not record.order_id:
             if ":" in (record.replacement_offer_id or replacement):
                 record = await self._buy_through_cart(holder, record.replacement_offer_id or replacement)
             else:
@@ -381,6 +385,18 @@ class MigrationService:
             if not same_id(sub.id, record.subscription_id) and record.tag in (sub.friendly_name or ""):
                 return sub
         return None
+
+    async def _recover_order(self, holder: dict[str, MigrationRecord]) -> MigrationRecord:
+        """After an answer we did not see (checkout or order), find the order by the record's tag and record it."""
+        record = holder["record"]
+        if record.order_id or not (record.cart_id or record.order_attempted_at):
+            return record
+        found = await self._find_order_by_tag(record)
+        if found is not None:
+            record = await self._save_transition(record, "purchasing", "order_found", f"order {found.id}",
+                                                 order_id=found.id)
+            holder["record"] = record
+        return record
 
     async def _subscriptions_of_order(self, record: MigrationRecord) -> list[Subscription]:
         assert record.order_id
@@ -446,11 +462,12 @@ class MigrationService:
             return record
         request_id = deterministic_request_id("order", record.customer_id, record.subscription_id)
         if record.order_attempted_at:
-            # A previous attempt may have been applied without us seeing the answer. Look before buying again.
-            found = await self._find_order_by_tag(record)
-            if found is not None:
-                return await self._save_transition(record, "purchasing", "order_found", f"order {found.id}",
-                                                   order_id=found.id)
+            # A previous attempt may have been applied without us seeing the answer (_recover_order found no order
+            # with our tag). Orders can take up to 15 minutes to show in the order list, so wait that long before
+            # sending the same request (same MS-RequestId) again.
+            attempted = datetime.fromisoformat(record.order_attempted_at)
+            if utcnow() - attempted < ORDER_LIST_LAG:
+                raise RetryLater("waiting to see whether the earlier order went through")
         else:
             record = await self._save_transition(record, "purchasing", "order_attempt", f"MS-RequestId {request_id}",
                                                  order_attempted_at=utcnow().isoformat())
@@ -470,13 +487,7 @@ class MigrationService:
         return await self._save_transition(record, "purchasing", "ordered", f"order {order.id}", order_id=order.id)
 
     async def _find_order_by_tag(self, record: MigrationRecord) -> Order | None:
-        body = await self.client.request("GET", f"/v1/customers/{record.customer_id}/orders")
-        items = body.get("items", []) if isinstance(body, dict) else []
-        for item in items:
-            try:
-                order = Order.parse(item)
-            except PartnerCenterError:
-                continue
+        for order in await self.client.list_orders(record.customer_id):
             if any(record.tag in (li.friendly_name or "") for li in order.line_items):
                 return order
         return None

@@ -23,6 +23,7 @@ class RateLimiter:
         safety: float = 0.95,
         min_fraction: float = 0.1,
         recovery_per_success: float = 0.01,
+        catch_up: float = 0.04,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -34,7 +35,10 @@ class RateLimiter:
         self.rate = self.ceiling
         self._floor = self.ceiling * min_fraction
         self._recovery = self.ceiling * recovery_per_success
-        self._next = 0.0
+        # A late wake-up (a busy event loop) may be made up, but only this much: with 5% headroom, no one-second
+        # window can exceed the limit even against a per-second counter.
+        self._catch_up = catch_up
+        self._next: float | None = None
         self._paused_until = 0.0
         self._clock = clock
         self._sleep = sleep
@@ -43,7 +47,9 @@ class RateLimiter:
     async def acquire(self) -> None:
         """Wait for this request's slot."""
         now = self._clock()
-        slot = max(now, self._next, self._paused_until)
+        if self._next is None:
+            self._next = now  # no burst at start
+        slot = max(self._next, now - self._catch_up, self._paused_until)
         self._next = slot + 1.0 / self.rate
         delay = slot - now
         if delay > 0:
@@ -55,7 +61,7 @@ class RateLimiter:
         now = self._clock()
         self._paused_until = max(self._paused_until, now + max(retry_after, 0.0))
         self.rate = max(self._floor, self.rate / 2)
-        self._next = max(self._next, self._paused_until)
+        self._next = max(self._next or now, self._paused_until)
 
     def on_success(self) -> None:
         """Additive increase back towards the ceiling."""

@@ -222,14 +222,17 @@ def _demo(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------------------------------------- sandbox
 
 
-def _serve_sandbox(port: int, customers: int, seed: int, out: TextIO) -> int:
+def _serve_sandbox(port: int, customers: int, seed: int, out: TextIO, config: str | None = None) -> int:
     import time
 
-    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxServer, SandboxState, seed_world
+    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
 
     state = SandboxState()
     manifest = seed_world(state, customers=customers, seed=seed)
-    with SandboxServer(state, port=port) as server:
+    sandbox_config = SandboxConfig()
+    if config:
+        sandbox_config.apply_patch(json.loads(config))
+    with SandboxServer(state, sandbox_config, port=port) as server:
         out.write(f"Partner Center sandbox on {server.url} ({customers} customers, "
                   f"{len(manifest.expected)} expiring qualified subscriptions). State: {server.url}/_sandbox/state\n"
                   f"Try:\n  export PARTNER_CENTER_ENDPOINT={server.url} PARTNER_CENTER_AUTH=none\n"
@@ -264,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--customers", type=int, default=40)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--config", help='JSON, e.g. {"latency_ms": 40, "requests_per_minute": 6000}')
     p = sub.add_parser("demo", help="sandbox + Azurite + run + report")
     p.add_argument("--customers", type=int, default=24)
     p.add_argument("--seed", type=int, default=7)
@@ -281,7 +285,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "demo":
             return _demo(args, out)
         if args.command == "sandbox":
-            return _serve_sandbox(args.port, args.customers, args.seed, out)
+            return _serve_sandbox(args.port, args.customers, args.seed, out, args.config)
         settings = Settings.from_env()
         if args.command == "consent":
             from ._consent import run_consent

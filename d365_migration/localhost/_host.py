@@ -75,6 +75,13 @@ class FunctionStats:
     successes: int = 0
     failures: int = 0
     poisoned: int = 0
+    seconds: float = 0.0  # total time spent in invocations
+    longest: float = 0.0  # the longest single invocation, in seconds
+
+    def timed(self, started: float) -> None:
+        took = time.monotonic() - started
+        self.seconds += took
+        self.longest = max(self.longest, took)
 
     def minus(self, other: FunctionStats) -> FunctionStats:
         return FunctionStats(
@@ -82,6 +89,8 @@ class FunctionStats:
             self.successes - other.successes,
             self.failures - other.failures,
             self.poisoned - other.poisoned,
+            self.seconds - other.seconds,
+            self.longest,
         )
 
 
@@ -525,9 +534,11 @@ class LocalHost:
             await self._write_outputs(res)
         except Exception:
             stats.failures += 1
+            stats.timed(started)
             log.exception("Executed %s (%s): failed after %.0f ms", fn.name, what, 1000 * (time.monotonic() - started))
             raise
         stats.successes += 1
+        stats.timed(started)
         log.info("Executed %s (%s): succeeded in %.0f ms", fn.name, what, 1000 * (time.monotonic() - started))
         return res
 
@@ -723,6 +734,7 @@ class LocalHost:
         except Exception as exc:
             await stop_renewing()
             stats.failures += 1
+            stats.timed(started)
             elapsed = 1000 * (time.monotonic() - started)
             log.warning(
                 "Executed %s (message %s, dequeue_count=%d): failed after %.0f ms: %s: %s",
@@ -743,6 +755,7 @@ class LocalHost:
             if not finished.is_set():
                 await stop_renewing()
         stats.successes += 1
+        stats.timed(started)
         log.info(
             "Executed %s (message %s, dequeue_count=%d): succeeded in %.0f ms",
             fn.name,
