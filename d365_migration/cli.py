@@ -134,7 +134,11 @@ async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: floa
     """Fire the timer once, then serve the queues until every record is final (or the timeout)."""
     from .localhost import LocalHost
 
-    assert settings.storage_connection, "run needs AzureWebJobsStorage"
+    if not settings.storage_connection:
+        raise ConfigurationError("AzureWebJobsStorage", "run needs a storage connection string",
+                                 "set AzureWebJobsStorage (e.g. Azurite's connection string)")
+    # function.json reads the schedule as %DETECT_SCHEDULE%; the local host must be able to resolve it
+    env = {"DETECT_SCHEDULE": settings.detect_schedule, **env}
     overrides = {"maxPollingInterval": 0.5, "visibilityTimeout": 2.0, **(host_overrides or {})}
     async with LocalHost(APP_ROOT, connection_string=settings.storage_connection, env=env,
                          host_overrides=overrides) as host:

@@ -88,6 +88,7 @@ def test_cli_run_plan_and_status(world: Any, storage: str, monkeypatch: pytest.M
     server, manifest, _ = world
     for k, v in _env(server, storage, DEMO_REPLACEMENT_OFFERS).items():
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DETECT_SCHEDULE")  # a partner's shell will not have it; the default schedule applies
     out = io.StringIO()
     assert main(["plan", "--json"], out=out) == 0
     plan = json.loads(out.getvalue())
