@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
+from ._context import log_prefix
 from ._exceptions import (
     ClientError,
     ConflictError,
@@ -242,7 +243,8 @@ class PartnerCenterClient:
                     self.stats.throttled += 1
                     if limiter is not None:
                         limiter.on_throttled(min(retry_after, self._max_retry_after))
-                    logger.warning("throttled %s %s: retry after %.1fs", method, _path_only(path), retry_after)
+                    logger.warning("%sthrottled %s %s: retry after %.1fs", log_prefix(), method, _path_only(path),
+                                   retry_after)
                     last_error = ThrottledError(retry_after, method=method, path=_path_only(path))
                     if retry_after > self._max_retry_after:
                         raise last_error
@@ -270,8 +272,8 @@ class PartnerCenterClient:
             if attempt + 1 < self._max_attempts:
                 self.stats.retries += 1
                 delay = self._backoff(attempt)
-                logger.info("retrying %s %s in %.2fs after %s (same MS-RequestId)", method, _path_only(path),
-                            delay, type(last_error).__name__)
+                logger.info("%sretrying %s %s in %.2fs after %s (same MS-RequestId)", log_prefix(), method,
+                            _path_only(path), delay, type(last_error).__name__)
                 await self._sleep(delay)
         assert last_error is not None
         raise last_error

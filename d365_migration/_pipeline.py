@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 
 from ._catalog import RetiredOfferCatalog
 from ._client import PageRequest, PartnerCenterClient, deterministic_request_id
+from ._context import current_correlation_id
 from ._exceptions import (
     ConcurrencyConflict,
     ConflictError,
@@ -259,6 +260,7 @@ class MigrationService:
     async def _run_step(self, message: StepMessage,
                         step: Callable[[dict[str, MigrationRecord]], Awaitable[StepResult]]) -> StepResult:
         """Load, check DRY_RUN, claim, run, release; turn RetryLater into a delayed message."""
+        current_correlation_id.set(message.correlation_id)
         record = await self._load(message)
         if self.settings.dry_run:
             _log(record, logging.WARNING, "DRY_RUN is true: the %s step does nothing", message.step)

@@ -343,3 +343,29 @@ async def test_transport_error_after_retries() -> None:
     client, _ = make_client(handler, max_attempts=2)
     with pytest.raises(TransportError):
         await client.get_subscription(CUST, SUB)
+
+
+async def test_retry_log_lines_carry_the_migrations_correlation_id(caplog: pytest.LogCaptureFixture) -> None:
+    from d365_migration._context import current_correlation_id
+
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return httpx.Response(429, headers={"Retry-After": "1"}, json={"statusCode": 429, "message": "x"})
+        if calls == 2:
+            return httpx.Response(503, json={"code": 1, "description": "busy"})
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler)
+    token = current_correlation_id.set("0d6f3c52-4b1e-5d7a-9c3e-2f1a0b9c8d7e")
+    try:
+        with caplog.at_level("INFO", logger="d365_migration.client"):
+            await client.get_subscription(CUST, SUB)
+    finally:
+        current_correlation_id.reset(token)
+    lines = [r.getMessage() for r in caplog.records if r.name == "d365_migration.client"]
+    assert len(lines) >= 2
+    assert all(line.startswith("[0d6f3c52-4b1e-5d7a-9c3e-2f1a0b9c8d7e] ") for line in lines)
