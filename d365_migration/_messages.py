@@ -72,7 +72,7 @@ class StepMessage:
             value = data.get(key)
             if not isinstance(value, str) or not is_guid(value):
                 raise InvalidMessageError(f"{key} must be a GUID, got {_show(value)}")
-            fields[key] = value.lower()
+            fields[key] = value  # kept as sent; compared case-insensitively
         poll = data.get("poll", 0)
         if not isinstance(poll, int) or isinstance(poll, bool) or poll < 0 or poll > 100_000:
             raise InvalidMessageError(f"poll must be a non-negative integer, got {_show(poll)}")

@@ -217,8 +217,10 @@ class MigrationService:
     def _new_record(self, candidate: Candidate) -> MigrationRecord:
         sub = candidate.subscription
         return MigrationRecord(
-            customer_id=candidate.customer.id.lower(),
-            subscription_id=sub.id.lower(),
+            # Ids are kept as Partner Center returned them and sent back unchanged; they are only *compared*
+            # case-insensitively (ledger keys are lower-cased in _ledger.record_key).
+            customer_id=candidate.customer.id,
+            subscription_id=sub.id,
             customer_name=candidate.customer.company_name,
             offer_id=sub.offer_id,
             offer_name=sub.offer_name,
@@ -370,7 +372,7 @@ class MigrationService:
             raise RetryLater(f"replacement subscription {state}")
 
         record = await self._save_transition(record, "purchased", "replacement_active",
-                                             f"new subscription {new_sub.id}", new_subscription_id=new_sub.id.lower())
+                                             f"new subscription {new_sub.id}", new_subscription_id=new_sub.id)
         return StepResult([self._message("reassign", record)], record, "purchased")
 
     async def _find_replacement(self, record: MigrationRecord) -> Subscription | None:
@@ -503,7 +505,7 @@ class MigrationService:
         try:
             status = await self.client.get_provisioning_status(record.customer_id, subscription_id)
             if status.sku_id and is_guid(status.sku_id):
-                return status.sku_id.lower()
+                return status.sku_id
         except (NotFoundError, PartnerCenterApiError) as exc:
             if isinstance(exc, PartnerCenterApiError) and exc.status >= 500:
                 raise
@@ -513,7 +515,7 @@ class MigrationService:
             if parts:
                 for sku in await self.client.list_subscribed_skus(record.customer_id):
                     if (sku.product_sku.sku_part_number or "").lower() in parts:
-                        return sku.product_sku.id.lower()
+                        return sku.product_sku.id
         return None
 
     async def _reassign(self, holder: dict[str, MigrationRecord], message: StepMessage) -> StepResult:
@@ -540,7 +542,7 @@ class MigrationService:
             holder["record"] = record
         old_sku, new_sku = record.old_sku_id, record.new_sku_id
         assert old_sku and new_sku
-        if old_sku == new_sku:
+        if same_id(old_sku, new_sku):
             record = await self._save_transition(record, "reassigned", "same_sku",
                                                  "old and new subscription grant the same product SKU; no user "
                                                  "needs moving")
@@ -561,7 +563,7 @@ class MigrationService:
             if need_units:
                 skus = {s.product_sku.id.lower(): s
                         for s in await self.client.list_subscribed_skus(record.customer_id)}
-                available = skus[new_sku].available_units if new_sku in skus else 0
+                available = skus[new_sku.lower()].available_units if new_sku.lower() in skus else 0
                 if available < need_units:
                     if message.poll < 10:
                         raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
@@ -616,7 +618,9 @@ class MigrationService:
             async with semaphore:
                 licenses = await self.client.get_user_licenses(record.customer_id, user.id)
             skus = {lic.product_sku.id.lower() for lic in licenses}
-            return (user.id, user.user_principal_name, new_sku in skus) if old_sku in skus else None
+            if old_sku.lower() not in skus:
+                return None
+            return user.id, user.user_principal_name, new_sku.lower() in skus
 
         found = await asyncio.gather(*(inspect(u) for u in users))
         return [h for h in found if h is not None]

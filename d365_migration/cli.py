@@ -182,13 +182,14 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
 async def _retry(settings: Settings, target: str, out: TextIO) -> int:
     """Re-drive a failed or blocked record from the step it stopped at. Safe to run twice."""
     from ._app import storage_clients
+    from ._ledger import utcnow
     from ._messages import StepMessage
 
     ledger, queues = storage_clients(settings)
     try:
         wanted = target.lower().split("/")
         matches = [r for r in await ledger.list_records()
-                   if r.subscription_id == wanted[-1] and (len(wanted) == 1 or r.customer_id == wanted[0])]
+                   if r.key[1] == wanted[-1] and (len(wanted) == 1 or r.key[0] == wanted[0])]
         if not matches:
             out.write(f"no record for {target}\n")
             return 2
@@ -201,7 +202,11 @@ async def _retry(settings: Settings, target: str, out: TextIO) -> int:
                            else "detected"), "purchase"
         else:
             state, step = "reassigning" if record.old_sku_id else "purchased", "reassign"
-        updated = await ledger.save(replace(record, lease_owner=None, lease_until=None).transition(
+        # A re-driven purchase gets a fresh provisioning clock; the recorded cart/order ids stay, so nothing is
+        # bought twice.
+        restarted = utcnow().isoformat() if step == "purchase" and record.purchase_started_at else None
+        updated = await ledger.save(replace(record, lease_owner=None, lease_until=None,
+                                            purchase_started_at=restarted or record.purchase_started_at).transition(
             state, "retry", f"re-driven by an operator from {record.state}"))
         message = StepMessage(step=step, customer_id=updated.customer_id,  # type: ignore[arg-type]
                               subscription_id=updated.subscription_id, correlation_id=updated.correlation_id)

@@ -34,7 +34,7 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
     offers = replacement_offers or DEMO_REPLACEMENT_OFFERS
 
     problems: list[str] = []
-    by_key = {(r.customer_id, r.subscription_id): r for r in records}
+    by_key = {r.key: r for r in records}
     purchases = state.purchases()
     patches = state.patches()
     updates = state.license_updates()

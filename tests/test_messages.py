@@ -22,9 +22,9 @@ def test_round_trip() -> None:
     assert m.next_poll().poll == 4
 
 
-def test_ids_are_lower_cased() -> None:
+def test_ids_keep_the_case_partner_center_used() -> None:
     m = StepMessage("reassign", C.upper(), S.upper(), K)
-    assert StepMessage.parse(m.to_json(), expected_step="reassign").customer_id == C
+    assert StepMessage.parse(m.to_json(), expected_step="reassign").customer_id == C.upper()
 
 
 @pytest.mark.parametrize("body,fragment", [
@@ -69,4 +69,4 @@ def test_partial_messages_never_crash(data: dict[str, object]) -> None:
         m = StepMessage.parse(json.dumps(data), expected_step="purchase")
     except InvalidMessageError:
         return
-    assert m.customer_id == C and m.subscription_id == C and m.correlation_id == C
+    assert m.customer_id.lower() == C and m.subscription_id.lower() == C and m.correlation_id.lower() == C
