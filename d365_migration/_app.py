@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # the heavy modules (httpx, Storage SDKs) load on first use, 
 
 logger = logging.getLogger("d365_migration.app")
 
-_services: dict[int, MigrationService] = {}
+_services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MigrationService] = weakref.WeakKeyDictionary()
 
 
 def storage_clients(settings: Settings) -> tuple[MigrationLedger, QueueSender]:
@@ -78,24 +79,27 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
 
 def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
     """The process's service for the running event loop (httpx pools are bound to a loop)."""
-    loop_id = id(asyncio.get_running_loop())
-    service = _services.get(loop_id)
+    loop = asyncio.get_running_loop()
+    service = _services.get(loop)
     if service is None:
         settings = Settings.from_env(env)
         service = build_service(settings)
-        _services.clear()
-        _services[loop_id] = service
+        _services[loop] = service
         logger.info("d365_migration ready: endpoint=%s auth=%s dry_run=%s", settings.endpoint, settings.auth,
                     settings.dry_run)
     return service
 
 
-@lru_cache(maxsize=1)
 def max_dequeue_count() -> int:
-    """``extensions.queues.maxDequeueCount`` from host.json next to the function folders (default 5)."""
+    """``extensions.queues.maxDequeueCount``: the app-setting override if set, else host.json (default 5)."""
     override = os.environ.get("AzureFunctionsJobHost__extensions__queues__maxDequeueCount")
     if override and override.isdigit():
         return int(override)
+    return _host_json_max_dequeue_count()
+
+
+@lru_cache(maxsize=1)
+def _host_json_max_dequeue_count() -> int:
     host_json = Path(__file__).resolve().parent.parent / "host.json"
     try:
         data = json.loads(host_json.read_text(encoding="utf-8"))

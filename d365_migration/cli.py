@@ -197,6 +197,13 @@ async def _retry(settings: Settings, target: str, out: TextIO) -> int:
         if record.state not in ("failed", "blocked"):
             out.write(f"record {record.customer_id}/{record.subscription_id} is {record.state}; nothing to re-drive\n")
             return 0
+        refused = record.state == "failed" and bool(record.history) and record.history[-1].get("event") in (
+            "order_rejected", "checkout_rejected", "checkout_order_errors")
+        if refused:
+            # Partner Center refused the purchase, so nothing was bought: start over with the current mapping (the
+            # purchase step re-checks the old subscription; the tag search still prevents a second purchase).
+            record = replace(record, replacement_offer_id=None, cart_id=None, order_id=None,
+                             order_attempted_at=None, purchase_started_at=None)
         if not record.new_subscription_id:
             state, step = ("purchasing" if (record.cart_id or record.order_id or record.order_attempted_at)
                            else "detected"), "purchase"
