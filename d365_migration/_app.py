@@ -116,6 +116,13 @@ class StepOutputs:
     poison: str | None = None
 
 
+def _poisoned(reason: Exception, queue: str, body: bytes, correlation_id: str | None = None) -> StepOutputs:
+    """Straight to ``<queue>-poison`` with the reason: no retry can fix this message."""
+    logger.error("event=message_poisoned queue=%s correlation=%s reason=%s", queue, correlation_id, reason)
+    return StepOutputs(poison=json.dumps({"reason": str(reason), "queue": queue,
+                                          "body": body[:4096].decode("utf-8", "replace")}))
+
+
 async def run_detect() -> str:
     """The timer: start a detection run (its first customer page goes to ``scan-customers``)."""
     return get_service().start_scan().to_json()
@@ -126,15 +133,11 @@ async def run_scan(body: bytes) -> StepOutputs:
     try:
         message = ScanMessage.parse(body)
     except InvalidMessageError as exc:
-        logger.error("event=message_poisoned queue=%s reason=%s", SCAN_QUEUE, exc)
-        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
-                                              "body": body[:4096].decode("utf-8", "replace")}))
+        return _poisoned(exc, SCAN_QUEUE, body)
     try:
         report = await get_service().scan_page(message)
     except ValueError as exc:  # a cursor that is not ours
-        logger.error("event=message_poisoned queue=%s reason=%s", SCAN_QUEUE, exc)
-        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": SCAN_QUEUE,
-                                              "body": body[:4096].decode("utf-8", "replace")}))
+        return _poisoned(exc, SCAN_QUEUE, body)
     outputs = StepOutputs()
     if report.purchase_messages:
         outputs.messages[QUEUE_FOR_STEP["purchase"]] = report.bodies()
@@ -145,18 +148,13 @@ async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOu
     try:
         message = StepMessage.parse(body, expected_step=step)
     except InvalidMessageError as exc:
-        logger.error("event=message_poisoned queue=%s reason=%s", QUEUE_FOR_STEP[step], exc)
-        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": QUEUE_FOR_STEP[step],
-                                              "body": body[:4096].decode("utf-8", "replace")}))
+        return _poisoned(exc, QUEUE_FOR_STEP[step], body)
     service = get_service()
     handler = {"purchase": service.purchase, "reassign": service.reassign, "suspend": service.suspend}[step]
     try:
         result = await handler(message)
     except InvalidMessageError as exc:
-        logger.error("event=message_poisoned queue=%s correlation=%s reason=%s", message.queue,
-                     message.correlation_id, exc)
-        return StepOutputs(poison=json.dumps({"reason": str(exc), "queue": message.queue,
-                                              "body": body[:4096].decode("utf-8", "replace")}))
+        return _poisoned(exc, message.queue, body, message.correlation_id)
     except Exception as exc:
         if (dequeue_count or 1) >= max_dequeue_count():
             # Last delivery: the host will move the message to <queue>-poison. Say why in the ledger first.

@@ -52,21 +52,7 @@ class StepMessage:
     @classmethod
     def parse(cls, body: bytes | str, *, expected_step: Step) -> StepMessage:
         """Validate a message; anything wrong raises :class:`InvalidMessageError` naming the problem."""
-        raw = body.encode() if isinstance(body, str) else body
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise InvalidMessageError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        try:
-            data: Any = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidMessageError(f"message is not JSON ({type(exc).__name__})") from None
-        if not isinstance(data, dict):
-            raise InvalidMessageError("message is not a JSON object")
-        version = data.get("schemaVersion")
-        if version != SCHEMA_VERSION or isinstance(version, bool):
-            raise InvalidMessageError(f"unknown schemaVersion {version!r}; this worker reads {SCHEMA_VERSION}")
-        step = data.get("step")
-        if step != expected_step:
-            raise InvalidMessageError(f"message for step {step!r} arrived on the {expected_step} queue")
+        data = _envelope(body, expected_step)
         fields: dict[str, str] = {}
         for key in ("customerId", "subscriptionId", "correlationId"):
             value = data.get(key)
@@ -78,6 +64,26 @@ class StepMessage:
             raise InvalidMessageError(f"poll must be a non-negative integer, got {_show(poll)}")
         return cls(step=expected_step, customer_id=fields["customerId"], subscription_id=fields["subscriptionId"],
                    correlation_id=fields["correlationId"], poll=poll)
+
+
+def _envelope(body: bytes | str, expected_step: str) -> dict[str, Any]:
+    """The checks every message passes first: size, JSON object, schema version, and the right queue."""
+    raw = body.encode() if isinstance(body, str) else body
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidMessageError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    try:
+        data: Any = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessageError(f"message is not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise InvalidMessageError("message is not a JSON object")
+    version = data.get("schemaVersion")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidMessageError(f"unknown schemaVersion {version!r}; this worker reads {SCHEMA_VERSION}")
+    step = data.get("step")
+    if step != expected_step:
+        raise InvalidMessageError(f"message for step {step!r} arrived on the {expected_step} queue")
+    return data
 
 
 def _show(value: Any) -> str:
@@ -102,19 +108,7 @@ class ScanMessage:
 
     @classmethod
     def parse(cls, body: bytes | str) -> ScanMessage:
-        raw = body.encode() if isinstance(body, str) else body
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise InvalidMessageError(f"message is {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
-        try:
-            data: Any = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidMessageError(f"message is not JSON ({type(exc).__name__})") from None
-        if not isinstance(data, dict):
-            raise InvalidMessageError("message is not a JSON object")
-        if data.get("schemaVersion") != SCHEMA_VERSION or isinstance(data.get("schemaVersion"), bool):
-            raise InvalidMessageError(f"unknown schemaVersion {data.get('schemaVersion')!r}")
-        if data.get("step") != "scan":
-            raise InvalidMessageError(f"message for step {data.get('step')!r} arrived on the scan queue")
+        data = _envelope(body, "scan")
         run_id, page, cursor = data.get("runId"), data.get("page"), data.get("cursor")
         if not isinstance(run_id, str) or not run_id.replace("-", "").isalnum() or len(run_id) > 64:
             raise InvalidMessageError(f"runId must be a short id, got {_show(run_id)}")
