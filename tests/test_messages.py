@@ -70,3 +70,31 @@ def test_partial_messages_never_crash(data: dict[str, object]) -> None:
     except InvalidMessageError:
         return
     assert m.customer_id.lower() == C and m.subscription_id.lower() == C and m.correlation_id.lower() == C
+
+
+def test_scan_message_round_trip_and_rejections() -> None:
+    from d365_migration._messages import ScanMessage
+
+    m = ScanMessage("20261125T060000-abc123", 3, {"path": "/v1/customers", "params": [["size", "500"]],
+                                                  "headers": [["MS-ContinuationToken", "T"]]})
+    assert ScanMessage.parse(m.to_json()) == m
+    for bad, fragment in [
+        ({"schemaVersion": 1, "step": "purchase", "runId": "r", "page": 0}, "scan queue"),
+        ({"schemaVersion": 1, "step": "scan", "runId": "r x/..", "page": 0}, "runId"),
+        ({"schemaVersion": 1, "step": "scan", "runId": "r", "page": -1}, "page"),
+        ({"schemaVersion": 1, "step": "scan", "runId": "r", "page": 0, "cursor": "x"}, "cursor"),
+    ]:
+        with pytest.raises(InvalidMessageError) as info:
+            ScanMessage.parse(json.dumps(bad))
+        assert fragment in str(info.value)
+
+
+def test_page_cursor_from_a_message_cannot_redirect_the_client() -> None:
+    from d365_migration._client import PageRequest
+
+    for bad in [{"path": "/v1/customers/../partner"}, {"path": "https://evil.example/v1/customers"},
+                {"path": "/v1/customers", "headers": [["Authorization", "Bearer x"]]}, ["not", "a", "dict"]]:
+        with pytest.raises(ValueError):
+            PageRequest.from_json(bad)
+    ok = PageRequest.from_json({"path": "/v1/customers", "params": [["size", "5"]]})
+    assert ok.params == (("size", "5"),)
