@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConfigurationError, InvalidMessageError
+from ._exceptions import ConcurrencyConflict, ConfigurationError, InvalidMessageError
 from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._settings import Settings
 
@@ -66,6 +66,10 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
     credential = build_credential(settings)
+    import httpx
+
+    client_options.setdefault("timeout", httpx.Timeout(float(settings.timeout_seconds),
+                                                       connect=min(10.0, float(settings.timeout_seconds))))
     client = PartnerCenterClient(
         settings.endpoint, credential,
         requests_per_minute=settings.instance_requests_per_minute,
@@ -155,6 +159,8 @@ async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOu
         result = await handler(message)
     except InvalidMessageError as exc:
         return _poisoned(exc, message.queue, body, message.correlation_id)
+    except ConcurrencyConflict:
+        raise  # another invocation changed the record: not this migration's failure, never mark it failed
     except Exception as exc:
         if (dequeue_count or 1) >= max_dequeue_count():
             # Last delivery: the host will move the message to <queue>-poison. Say why in the ledger first.

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -79,6 +79,7 @@ class MigrationRecord:
     users_failed: int = 0
     users_cursor: str | None = None  # JSON PageRequest of the next users page to work on (resumable moves)
     user_failures: str | None = None  # "upn: reason; …" of users that could not be moved so far
+    buy_anyway: bool = False  # an operator confirmed an untagged subscription of the replacement is not ours
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None
@@ -241,11 +242,14 @@ class MigrationLedger:
             raise LedgerError(f"record {record.customer_id}/{record.subscription_id} no longer exists") from None
         return replace(record, etag=metadata.get("etag"))
 
-    async def claim(self, record: MigrationRecord, owner: str, *, lease: timedelta) -> MigrationRecord:
+    async def claim(self, record: MigrationRecord, owner: str, *, lease: timedelta,
+                    dead_owners: Callable[[str], bool] | None = None) -> MigrationRecord:
         """Take a short lease on the record before acting. Raises :class:`ConcurrencyConflict` if another worker
-        holds an unexpired lease, or wins the race to write it."""
+        holds an unexpired lease, or wins the race to write it. ``dead_owners(owner)`` says whether a lease holder
+        is known to be gone (an invocation of this process that crashed), whose lease may be taken at once."""
         now = utcnow()
-        if record.lease_owner and record.lease_owner != owner and record.lease_until:
+        holder = record.lease_owner
+        if holder and holder != owner and record.lease_until and not (dead_owners and dead_owners(holder)):
             until = datetime.fromisoformat(record.lease_until)
             if until > now:
                 raise ConcurrencyConflict(

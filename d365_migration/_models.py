@@ -128,6 +128,7 @@ class Subscription:
     order_id: str | None
     etag: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    created: datetime | None = None
 
     @classmethod
     def parse(cls, data: Any) -> Subscription:
@@ -147,6 +148,7 @@ class Subscription:
             order_id=_opt_str(obj, "orderId"),
             etag=etag,
             raw=dict(obj),
+            created=parse_datetime(get_ci(obj, "creationDate")),
         )
 
 

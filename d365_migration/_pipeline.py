@@ -46,6 +46,8 @@ from ._settings import Settings, is_guid
 logger = logging.getLogger("d365_migration.pipeline")
 
 
+# How often suspend may send a record back to reassign before a human must look.
+MAX_REASSIGN_TRIPS = 3
 # Partner Center: "After submission, an order can take up to 15 minutes to appear in the customer's order list."
 ORDER_LIST_LAG = timedelta(minutes=15)
 
@@ -86,6 +88,13 @@ class DetectReport:
         return [m.to_json() for m in self.purchase_messages]
 
 
+def _product_key(offer_id: str) -> str:
+    """New commerce: productId:skuId (the availability part may differ between catalog and subscription);
+    legacy: the offer GUID."""
+    parts = offer_id.strip().lower().split(":")
+    return ":".join(parts[:2])
+
+
 def _log(record: MigrationRecord, level: int, text: str, *args: object) -> None:
     logger.log(level, "[%s] customer=%s subscription=%s " + text, record.correlation_id, record.customer_id,
                record.subscription_id, *args)
@@ -105,6 +114,7 @@ class MigrationService:
         self._clock = clock
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self._lease = timedelta(minutes=10)
+        self._running: set[str] = set()  # lease owners of the invocations running in this process
 
     # ================================================================== 1. detect
 
@@ -270,30 +280,47 @@ class MigrationService:
         if record.is_final:
             _log(record, logging.INFO, "already %s; nothing to do", record.state)
             return StepResult(record=record, note=f"already {record.state}")
+        # One owner per invocation, not per process: two deliveries of the same message in one process must not
+        # both hold the lease.
+        owner = f"{self.worker_id}:{uuid.uuid4().hex[:8]}"
+        busy_delay = max(5, self.settings.provisioning_poll_seconds // 4)
         try:
-            record = await self.ledger.claim(record, self.worker_id, lease=self._lease)
+            record = await self.ledger.claim(record, owner, lease=self._lease, dead_owners=self._is_dead_owner)
         except ConcurrencyConflict as exc:
-            # Another worker has it. Look again later rather than burn this message's retries.
-            await self._delay(message, f"busy: {exc}", delay=max(5, self.settings.provisioning_poll_seconds // 4))
+            # Another invocation has it. Look again later rather than burn this message's retries.
+            await self._delay(message, f"busy: {exc}", delay=busy_delay)
             return StepResult(record=record, note="busy")
         holder: dict[str, MigrationRecord] = {"record": record}
+        self._running.add(owner)
         try:
             result = await step(holder)
         except RetryLater as wait:
-            await self._release(holder["record"])
+            await self._release(holder["record"], owner)
             await self._delay(message, wait.why, wait.delay)
             return StepResult(record=holder["record"], note=wait.why)
+        except ConcurrencyConflict as exc:
+            # Someone else changed the record while this step worked (a lease that ran out, a duplicate, an
+            # operator). Nothing is wrong with the migration: re-read it later and carry on from what is recorded.
+            await self._release(holder["record"], owner)
+            await self._delay(message, f"record changed meanwhile: {exc}", delay=busy_delay)
+            return StepResult(record=holder["record"], note="conflict")
         except BaseException:
-            await self._release(holder["record"])
+            await self._release(holder["record"], owner)
             raise
+        finally:
+            self._running.discard(owner)
         if result.record is not None and result.record.lease_owner:
             result.record = await self.ledger.release(result.record)
         return result
 
-    async def _release(self, record: MigrationRecord) -> None:
+    def _is_dead_owner(self, owner: str) -> bool:
+        """A lease left by an invocation of this process that is no longer running (it crashed before releasing)."""
+        return owner.startswith(self.worker_id + ":") and owner not in self._running
+
+    async def _release(self, record: MigrationRecord, owner: str) -> None:
         try:
             latest = await self.ledger.get(record.customer_id, record.subscription_id)
-            if latest is not None and latest.lease_owner == self.worker_id:
+            if latest is not None and latest.lease_owner == owner:
                 await self.ledger.release(latest)
         except Exception:  # the lease expires by itself; never mask the real error
             logger.debug("could not release lease", exc_info=True)
@@ -342,6 +369,15 @@ class MigrationService:
                 record = await self._save_transition(record, "blocked", "no_longer_qualifies",
                                                      why + " (changed since detection); nothing bought")
                 return StepResult([], record, "blocked")
+            untagged = None if record.buy_anyway else await self._untagged_replacement(record, replacement)
+            if untagged is not None:
+                record = await self._save_transition(
+                    record, "blocked", "untagged_replacement_exists",
+                    f"subscription {untagged.id} of the replacement offer appeared after detection without this "
+                    f"migration's tag; nothing bought. If it IS this migration's replacement, add [{record.tag}] to "
+                    "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
+                    "`retry --buy-anyway`")
+                return StepResult([], record, "blocked")
             record = await self._save_transition(
                 record, "purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
                 replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
@@ -387,6 +423,18 @@ class MigrationService:
                 return sub
         for sub in await self.client.list_subscriptions(record.customer_id):
             if not same_id(sub.id, record.subscription_id) and record.tag in (sub.friendly_name or ""):
+                return sub
+        return None
+
+    async def _untagged_replacement(self, record: MigrationRecord, replacement: str) -> Subscription | None:
+        """A subscription of the replacement product created after detection without our tag: probably bought by
+        hand for this very migration. Buying again would make the customer pay twice, so a human decides."""
+        detected = datetime.fromisoformat(record.created_at) if record.created_at else None
+        wanted = _product_key(replacement)
+        for sub in await self.client.list_subscriptions(record.customer_id):
+            if (sub.offer_id and _product_key(sub.offer_id) == wanted and sub.status in ("active", "pending")
+                    and record.tag not in (sub.friendly_name or "")
+                    and (detected is None or sub.created is None or sub.created >= detected)):
                 return sub
         return None
 
@@ -552,6 +600,9 @@ class MigrationService:
         # new SKU has room, move them with one atomic assign+remove each, then checkpoint the next page's cursor in
         # the record — so a customer with thousands of users resumes where the last invocation stopped.
         budget = timedelta(seconds=self.settings.invocation_budget_seconds)
+        # A new pass (after `retry`, or after suspend found the old license again) is a new logical operation and so
+        # gets new MS-RequestIds; retries within a pass reuse them.
+        license_pass = sum(1 for h in record.history if h.get("event") in ("old_sku_still_used", "retry"))
         page: PageRequest | None = (PageRequest.from_json(json.loads(record.users_cursor)) if record.users_cursor
                                     else self.client.first_user_page(record.customer_id))
         while page is not None:
@@ -579,7 +630,7 @@ class MigrationService:
                     await self.client.update_user_licenses(
                         record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
                         request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
-                                                            user_id))
+                                                            user_id, str(license_pass)))
                 except PartnerCenterApiError as exc:
                     if exc.status >= 500 or exc.status == 429:
                         raise
@@ -648,6 +699,13 @@ class MigrationService:
             skus = {s.product_sku.id.lower(): s for s in await self.client.list_subscribed_skus(record.customer_id)}
             old = skus.get(old_sku_id)
             if old is not None and old.consumed_units > 0:
+                trips = sum(1 for h in record.history if h.get("event") == "old_sku_still_used")
+                if trips >= MAX_REASSIGN_TRIPS:
+                    record = await self._save_transition(
+                        record, "blocked", "old_sku_keeps_returning",
+                        f"{old.consumed_units} user(s) still hold the old SKU after {trips} passes (is someone "
+                        "assigning it again, or another subscription of the same product?); old kept active")
+                    return StepResult([], record, "blocked")
                 # Someone gave a user the old license again (or a move did not stick): move them first.
                 record = await self._save_transition(record, "reassigning", "old_sku_still_used",
                                                      f"{old.consumed_units} user(s) still hold the old SKU")

@@ -43,6 +43,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_MAX_CONCURRENCY",
     "PARTNER_CENTER_INSTANCES",
+    "PARTNER_CENTER_TIMEOUT_SECONDS",
     "MAX_PURCHASES_PER_RUN",
     "CUSTOMER_ALLOWLIST",
     "CUSTOMER_DENYLIST",
@@ -139,6 +140,7 @@ class Settings:
     license_requests_per_minute: int = 300
     max_concurrency: int = 16
     instances: int = 1  # how many app instances share the tenant budget (the scale-out cap)
+    timeout_seconds: int = 60  # per Partner Center request (connect: 10 s)
     max_purchases_per_run: int = 50
     customer_allowlist: frozenset[str] = frozenset()
     customer_denylist: frozenset[str] = frozenset()
@@ -280,6 +282,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),
         instances=_int(env, "PARTNER_CENTER_INSTANCES", 1, minimum=1, maximum=1000),
+        timeout_seconds=_int(env, "PARTNER_CENTER_TIMEOUT_SECONDS", 60, minimum=1, maximum=600),
         max_purchases_per_run=_int(env, "MAX_PURCHASES_PER_RUN", 50, minimum=0),
         customer_allowlist=_guid_set(env, "CUSTOMER_ALLOWLIST"),
         customer_denylist=_guid_set(env, "CUSTOMER_DENYLIST"),

@@ -179,7 +179,7 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
 # ---------------------------------------------------------------------------------------------------- retry
 
 
-async def _retry(settings: Settings, target: str, out: TextIO) -> int:
+async def _retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
     """Re-drive a failed or blocked record from the step it stopped at. Safe to run twice."""
     from ._app import storage_clients
     from ._ledger import utcnow
@@ -213,6 +213,7 @@ async def _retry(settings: Settings, target: str, out: TextIO) -> int:
         # bought twice.
         restarted = utcnow().isoformat() if step == "purchase" and record.purchase_started_at else None
         updated = await ledger.save(replace(record, lease_owner=None, lease_until=None,
+                                            buy_anyway=record.buy_anyway or buy_anyway,
                                             purchase_started_at=restarted or record.purchase_started_at).transition(
             state, "retry", f"re-driven by an operator from {record.state}"))
         message = StepMessage(step=step, customer_id=updated.customer_id,  # type: ignore[arg-type]
@@ -279,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the ledger").add_argument("--json", action="store_true")
     p = sub.add_parser("retry", help="re-drive a failed or blocked record: <subscription> or <customer>/<subscription>")
     p.add_argument("record")
+    p.add_argument("--buy-anyway", action="store_true",
+                   help="an untagged subscription of the replacement offer is NOT this migration's: buy anyway")
     p = sub.add_parser("sandbox", help="serve the Partner Center sandbox")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--customers", type=int, default=40)
@@ -323,7 +326,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 print_records(records, out, "Ledger")
             return 0
         if args.command == "retry":
-            return asyncio.run(_retry(settings, args.record, out))
+            return asyncio.run(_retry(settings, args.record, out, buy_anyway=args.buy_anyway))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -169,6 +169,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PARTNER_CENTER_MAX_CONCURRENCY: string(partnerCenterMaxConcurrency)
     // The per-minute budgets above are the partner tenant's; each instance takes 1/maximumInstanceCount of them.
     PARTNER_CENTER_INSTANCES: string(maximumInstanceCount)
+    PARTNER_CENTER_TIMEOUT_SECONDS: '60'
     PROVISIONING_POLL_SECONDS: string(provisioningPollSeconds)
     PROVISIONING_TIMEOUT_MINUTES: string(provisioningTimeoutMinutes)
     INVOCATION_BUDGET_SECONDS: string(invocationBudgetSeconds)
