@@ -39,9 +39,8 @@ from typing import Any
 from unittest import mock
 
 import httpx
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import TableServiceClient
-from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64EncodePolicy
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 import d365_migration
 from d365_migration import _app
@@ -63,6 +62,7 @@ from d365_migration.sandbox import (
     sku_for_offer,
 )
 from d365_migration.sandbox._faults import SlidingWindow
+from tests._azurite_plugin import wipe_account
 
 APP_ROOT = Path(d365_migration.__file__).resolve().parent.parent
 LEDGER_TABLE = "migrations"
@@ -229,17 +229,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------------------------- storage
-
-
-def wipe_account(connection_string: str) -> None:
-    with QueueServiceClient.from_connection_string(connection_string) as queues:
-        for queue in list(queues.list_queues()):
-            with contextlib.suppress(ResourceNotFoundError):
-                queues.delete_queue(queue.name)
-    with TableServiceClient.from_connection_string(connection_string) as tables:
-        for table in list(tables.list_tables()):
-            with contextlib.suppress(ResourceNotFoundError):
-                tables.delete_table(table.name)
 
 
 def _send(connection_string: str, queue: str, body: str) -> None:
