@@ -266,6 +266,26 @@ def _serve_sandbox(port: int, customers: int, seed: int, out: TextIO, config: st
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def load_local_settings(path: Path) -> list[str]:
+    """Core Tools reads ``local.settings.json`` into the environment; the CLI does the same locally. Values already
+    in the environment win. Returns the names it set."""
+    if not path.is_file():
+        return []
+    try:
+        values = json.loads(path.read_text(encoding="utf-8")).get("Values", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigurationError(str(path), f"is not valid JSON ({exc})",
+                                 "fix it or start from local.settings.example.json") from None
+    if not isinstance(values, dict):
+        raise ConfigurationError(str(path), "'Values' must be an object", "see local.settings.example.json")
+    set_names = []
+    for name, value in values.items():
+        if isinstance(name, str) and isinstance(value, str) and name not in os.environ:
+            os.environ[name] = value
+            set_names.append(name)
+    return set_names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m d365_migration", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
@@ -305,6 +325,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _demo(args, out)
         if args.command == "sandbox":
             return _serve_sandbox(args.port, args.customers, args.seed, out, args.config)
+        load_local_settings(Path.cwd() / "local.settings.json")
         settings = Settings.from_env()
         if args.command == "consent":
             from ._consent import run_consent

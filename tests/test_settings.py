@@ -87,3 +87,24 @@ def test_secrets_not_in_repr() -> None:
     s = load_settings({"PARTNER_CENTER_CLIENT_SECRET": "s3cr3t-value", "PARTNER_CENTER_REFRESH_TOKEN": "rt-value",
                        "AzureWebJobsStorage": "AccountKey=k3y"})
     assert "s3cr3t-value" not in repr(s) and "rt-value" not in repr(s) and "k3y" not in repr(s)
+
+
+def test_cli_reads_local_settings_json_but_the_environment_wins(tmp_path, monkeypatch) -> None:
+    import os
+
+    from d365_migration.cli import load_local_settings
+
+    path = tmp_path / "local.settings.json"
+    path.write_text(json.dumps({"IsEncrypted": False, "Values": {"EXPIRY_WINDOW_DAYS": "30", "DRY_RUN": "false"}}))
+    monkeypatch.delenv("EXPIRY_WINDOW_DAYS", raising=False)
+    monkeypatch.setenv("DRY_RUN", "true")
+    assert load_local_settings(path) == ["EXPIRY_WINDOW_DAYS"]
+    try:
+        assert os.environ["EXPIRY_WINDOW_DAYS"] == "30"
+        assert load_settings(dict(os.environ)).dry_run is True  # the environment won
+    finally:
+        os.environ.pop("EXPIRY_WINDOW_DAYS", None)
+    path.write_text("{broken")
+    with pytest.raises(ConfigurationError):
+        load_local_settings(path)
+    assert load_local_settings(tmp_path / "missing.json") == []
