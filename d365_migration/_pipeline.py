@@ -359,6 +359,7 @@ class MigrationService:
                 "`python -m d365_migration retry`")
             return StepResult([], record, "blocked")
 
+        listed: list[Subscription] | None = None
         if record.state == "detected":
             # Right before buying: does the old subscription still qualify? A human may have renewed or
             # suspended it since detection.
@@ -369,7 +370,9 @@ class MigrationService:
                 record = await self._save_transition(record, "blocked", "no_longer_qualifies",
                                                      why + " (changed since detection); nothing bought")
                 return StepResult([], record, "blocked")
-            untagged = None if record.buy_anyway else await self._untagged_replacement(record, replacement)
+            # One listing serves both checks below (untagged replacement, then our own tagged one).
+            listed = await self.client.list_subscriptions(record.customer_id)
+            untagged = None if record.buy_anyway else self._untagged_replacement(record, replacement, listed)
             if untagged is not None:
                 record = await self._save_transition(
                     record, "blocked", "untagged_replacement_exists",
@@ -385,7 +388,7 @@ class MigrationService:
             holder["record"] = record
 
         record = await self._recover_order(holder)
-        new_sub = await self._find_replacement(record)
+        new_sub = await self._find_replacement(record, listed)
         if new_sub is None and not record.order_id:
             if ":" in (record.replacement_offer_id or replacement):
                 record = await self._buy_through_cart(holder, record.replacement_offer_id or replacement)
@@ -411,8 +414,10 @@ class MigrationService:
                                              f"new subscription {new_sub.id}", new_subscription_id=new_sub.id)
         return StepResult([self._message("reassign", record)], record, "purchased")
 
-    async def _find_replacement(self, record: MigrationRecord) -> Subscription | None:
-        """The replacement already bought for this record, if any: by recorded id, order id or friendly-name tag."""
+    async def _find_replacement(self, record: MigrationRecord,
+                                listed: list[Subscription] | None = None) -> Subscription | None:
+        """The replacement already bought for this record, if any: by recorded id, order id or friendly-name tag.
+        ``listed`` is the customer's subscriptions if the caller has just read them."""
         if record.new_subscription_id:
             try:
                 return await self.client.get_subscription(record.customer_id, record.new_subscription_id)
@@ -421,17 +426,20 @@ class MigrationService:
         if record.order_id:
             for sub in await self._subscriptions_of_order(record):
                 return sub
-        for sub in await self.client.list_subscriptions(record.customer_id):
+        if listed is None:
+            listed = await self.client.list_subscriptions(record.customer_id)
+        for sub in listed:
             if not same_id(sub.id, record.subscription_id) and record.tag in (sub.friendly_name or ""):
                 return sub
         return None
 
-    async def _untagged_replacement(self, record: MigrationRecord, replacement: str) -> Subscription | None:
+    def _untagged_replacement(self, record: MigrationRecord, replacement: str,
+                              listed: list[Subscription]) -> Subscription | None:
         """A subscription of the replacement product created after detection without our tag: probably bought by
         hand for this very migration. Buying again would make the customer pay twice, so a human decides."""
         detected = datetime.fromisoformat(record.created_at) if record.created_at else None
         wanted = _product_key(replacement)
-        for sub in await self.client.list_subscriptions(record.customer_id):
+        for sub in listed:
             if (sub.offer_id and _product_key(sub.offer_id) == wanted and sub.status in ("active", "pending")
                     and record.tag not in (sub.friendly_name or "")
                     and (detected is None or sub.created is None or sub.created >= detected)):

@@ -118,15 +118,8 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
 
 
 async def _all_final(settings: Settings) -> bool:
-    from ._app import storage_clients
-
-    ledger, queues = storage_clients(settings)
-    try:
-        records = await ledger.list_records()
-        return bool(records) and all(r.state in FINAL_STATES for r in records)
-    finally:
-        ledger.close()
-        queues.close()
+    records = await _records(settings)
+    return bool(records) and all(r.state in FINAL_STATES for r in records)
 
 
 async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: float,
