@@ -1,3 +1,22 @@
 """Shared fixtures. Azurite and the sandbox are started on loopback by the plugins below and stopped after."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from d365_migration import _app
+
 pytest_plugins = ["tests._azurite_plugin", "tests._sandbox_plugin"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_services() -> Iterator[None]:
+    """The app builds one service per event loop and reads settings when it does; host.json's dequeue limit is
+    cached. No test may inherit another test's."""
+    _app._services.clear()
+    _app._host_json_max_dequeue_count.cache_clear()
+    yield
+    _app._services.clear()
+    _app._host_json_max_dequeue_count.cache_clear()

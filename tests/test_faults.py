@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,16 +29,6 @@ from tests._faults_harness import (
     format_table,
     run_scenario,
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_services() -> Iterator[None]:
-    """One service per test (settings are read when it is built); the dequeue limit is re-read too."""
-    _app._services.clear()
-    _app._host_json_max_dequeue_count.cache_clear()
-    yield
-    _app._services.clear()
-    _app._host_json_max_dequeue_count.cache_clear()
 
 
 def _small(kind: str, seed: int, **changes: object) -> Scenario:

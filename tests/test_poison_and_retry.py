@@ -101,14 +101,6 @@ def step_body(step: str, cid: str, sid: str, **changes: Any) -> str:
     return json.dumps({k: v for k, v in body.items() if v is not ...})
 
 
-@pytest.fixture(autouse=True)
-def fresh_services() -> Iterator[None]:
-    """The app keeps one service per event loop (by loop id); never let a test inherit another test's."""
-    app_module._services.clear()
-    yield
-    app_module._services.clear()
-
-
 @pytest.fixture
 def sandbox_state() -> SandboxState:
     return SandboxState()

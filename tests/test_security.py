@@ -14,14 +14,12 @@ import logging
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy
 
-import d365_migration._app as app_module
 from d365_migration import ConfigurationError, PartnerCenterClient, Settings, build_service, load_settings
 from d365_migration._ledger import MigrationLedger
 from d365_migration.localhost import LocalHost
@@ -33,13 +31,6 @@ SALES = next(o for o in RETIRED_OFFERS if o.family == "sales" and o.audience == 
 AZURITE_DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 LOGGERS = ("", "d365_migration", "httpx", "httpcore", "msal", "azure", "urllib3", "requests", "uvicorn",
            "asyncio")
-
-
-@pytest.fixture(autouse=True)
-def fresh_services() -> Iterator[None]:
-    app_module._services.clear()
-    yield
-    app_module._services.clear()
 
 
 @pytest.fixture
