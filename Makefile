@@ -2,7 +2,11 @@
 # a Python venv from requirements*.txt and Azurite from package-lock.json (npm ci). Azurite and the Partner
 # Center sandbox are started on 127.0.0.1 by the tests/demo themselves and stopped afterwards.
 
-PYTHON ?= python3
+# Python 3.13: the version the app runs on in Azure (Flex Consumption) and the first one whose v1 worker
+# (azure-functions-runtime-v1) is a PyPI package the app pins and the local runner and tests load.
+PYTHON ?= $(shell for p in python3.13 $$HOME/.pyenv/versions/3.13*/bin/python3.13 /usr/local/bin/python3.13; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null \
+	&& { command -v $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,6 +16,10 @@ STAMP := $(VENV)/.installed
 install: $(STAMP) node_modules/.installed
 
 $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+	@if [ -z "$(PYTHON)" ]; then echo "error: Python 3.13 not found (on PATH as python3.13 or under ~/.pyenv/versions/3.13*)." \
+		"Install it (for example 'pyenv install 3.13' or your distribution's python3.13 package) or run 'make PYTHON=/path/to/python3.13'." >&2; exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 13) else "error: $(PYTHON) is not Python 3.13")'
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
