@@ -333,9 +333,10 @@ TT = {"name": "timer", "type": "timerTrigger", "direction": "in", "schedule": "0
 HT = {"name": "req", "type": "httpTrigger", "direction": "in"}
 HO = {"name": "$return", "type": "http", "direction": "out"}
 
+# The oracle is the real worker (azure-functions-runtime-v1): a case it rejects is INVALID, with its own message.
 VALID = [
     ([QT, QO], "def main(msg: func.QueueMessage, out: func.Out[str]) -> None: ..."),
-    ([QT, QO], "async def main(msg: func.QueueMessage, out: func.Out[list[str]]) -> None: ..."),
+    ([QT, QO], "async def main(msg: func.QueueMessage, out: func.Out[typing.List[str]]) -> None: ..."),
     ([QT, QO], "def main(msg: func.QueueMessage, out: func.Out[typing.List[str]], context: func.Context): ..."),
     ([QT], "def main(msg: str) -> None: ..."),  # the worker accepts str/bytes for any binding
     ([QT], "def main(msg): ..."),  # no annotations at all is allowed
@@ -345,6 +346,12 @@ VALID = [
 ]
 
 INVALID = [
+    # Azure/azure-functions-python-worker#1176: the builtin generic is not accepted inside Out[...].
+    (
+        "binding out has invalid non-type annotation azure.functions._abc.Out[list[str]]",
+        [QT, QO],
+        "async def main(msg: func.QueueMessage, out: func.Out[list[str]]) -> None: ...",
+    ),
     ("declared in Python but not in function.json", [QT], "def main(msg: func.QueueMessage, extra: str): ..."),
     ("declared in function.json but not in Python", [QT, QO], "def main(msg: func.QueueMessage): ..."),
     ("not a subclass of azure.functions.Out", [QT, QO], "def main(msg: func.QueueMessage, out: str): ..."),
@@ -359,9 +366,11 @@ INVALID = [
     ),
     ('return annotation "int" does not match', [HT, HO], "def main(req: func.HttpRequest) -> int: ..."),
     ('"context" parameter is expected', [QT], "def main(msg: func.QueueMessage, context: str): ..."),
-    ("exactly one trigger", [QO], "def main(out: func.Out[str]): ..."),
-    ("no callable entry point 'main'", [QT], "def run(msg: func.QueueMessage): ..."),
-    ("importing", [QT], "import does_not_exist_anywhere\ndef main(msg): ..."),
+    ("exactly one trigger", [QO], "def main(out: func.Out[str]): ..."),  # a host rule
+    ("needs a 'queueName' property", [{**QT, "queueName": ""}], "def main(msg): ..."),  # a host rule
+    ("needs a 'schedule' property", [{k: v for k, v in TT.items() if k != "schedule"}], "def main(timer): ..."),
+    ("is not present in", [QT], "def run(msg: func.QueueMessage): ..."),
+    ("No module named 'does_not_exist_anywhere'", [QT], "import does_not_exist_anywhere\ndef main(msg): ..."),
 ]
 
 
@@ -392,3 +401,58 @@ def test_checker_reads_script_file_and_entry_point(tmp_path: Path) -> None:
     (folder / "function.json").write_text("{not json")
     with pytest.raises(FunctionLoadError, match="not valid JSON"):
         check_function_folder(folder)
+
+
+def test_a_wrong_annotation_in_a_scratch_folder_gets_the_workers_own_message(tmp_path: Path) -> None:
+    """The message is the worker's, word for word (the same text Azure logs when it refuses the folder)."""
+    folder = make_function(
+        tmp_path,
+        "lh_scratch_purchase",
+        [QT, {**QO, "name": "reassign"}],
+        "async def main(msg: func.QueueMessage, reassign: func.Out[list[str]]) -> None: ...",
+    )
+    with pytest.raises(FunctionLoadError) as err:
+        check_function_folder(folder)
+    assert str(err.value) == (
+        "FunctionLoadError: cannot load the lh_scratch_purchase function: binding reassign has invalid non-type "
+        "annotation azure.functions._abc.Out[list[str]]"
+    )
+
+
+def test_worker_library_is_the_pinned_one_and_tests_package_is_ours() -> None:
+    """The worker wheel ships a top-level ``tests`` package; the project's ``tests`` must win, and the worker's
+    protobuf messages still load (by path, under a private name)."""
+    import importlib.metadata
+
+    import tests
+    from d365_migration.localhost._worker import WORKER_VERSION, rpc_protos
+
+    pinned = next(
+        line.split("==")[1].strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.startswith("azure-functions-runtime-v1==")
+    )
+    assert importlib.metadata.version("azure-functions-runtime-v1") == WORKER_VERSION == pinned
+    assert Path(tests.__file__).resolve().parent == REPO / "tests"
+    protos = rpc_protos()
+    assert protos.TypedData(string="x").WhichOneof("data") == "string"
+    assert "tests.protos" not in sys.modules
+
+
+async def test_an_output_the_worker_cannot_convert_fails_the_invocation(tmp_path: Path, storage: str) -> None:
+    """``Out[List[str]]`` set to a list holding a dict: the real worker's queue converter refuses to encode it, so
+    the invocation fails, nothing is written, and the message is retried and finally poisoned -- as in Azure."""
+    (tmp_path / "host.json").write_text((APP / "host.json").read_text())
+    make_function(
+        tmp_path,
+        "lh_bad_output",
+        [{**QT, "queueName": "lh-bad"}, {**QO, "queueName": "lh-bad-out"}],
+        "def main(msg: func.QueueMessage, out: func.Out[typing.List[str]]) -> None:\n    out.set([{'a': 1}])\n",
+    )
+    send(storage, "lh-bad", "hello")
+    async with LocalHost(tmp_path, connection_string=storage, host_overrides=FAST) as host:
+        report = await host.run(timeout=20, idle_seconds=0.5)
+    stats = report.functions["lh_bad_output"]
+    assert (stats.successes, stats.failures, stats.poisoned) == (0, 3, 1)
+    assert count(storage, "lh-bad-out") == 0
+    assert messages(storage, "lh-bad-poison") == ["hello"]

@@ -3,7 +3,14 @@
 **This is not the Azure Functions host.** Core Tools (``func start``) cannot be installed here, so this module
 approximates the parts of the host this app relies on, over real queues:
 
-* loading each function folder like the Python v1 worker (:func:`check_function_folder`);
+* loading: the .NET host's ``function.json`` rules here, the signature checks by the **real Python worker**
+  (``azure-functions-runtime-v1``, the library Azure runs for Python 3.13), see :mod:`._loader`;
+* invoking: every invocation is an ``InvocationRequest`` handled by the real worker (:mod:`._worker`), which
+  builds the ``func.QueueMessage`` / ``func.TimerRequest`` / ``func.HttpRequest`` from typed data and trigger
+  metadata as the host sends them, calls ``main`` and converts ``Out[...]`` / ``$return`` values to typed data;
+  a value the real worker cannot convert fails the invocation here too. What the .NET host does with the typed
+  data (a JSON array on a queue output becomes one message per element; an ``http`` result becomes the
+  response) is done here;
 * app settings as environment variables, ``%NAME%`` in binding values, ``connection`` names;
 * queue triggers: peek-lock receive, Base64 decoding (``messageEncoding``), ``func.QueueMessage`` with
   ``dequeue_count`` and the timestamps, output bindings written only when ``main`` returns, the message
@@ -23,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import json
@@ -33,8 +39,7 @@ import random
 import re
 import threading
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,13 +52,11 @@ import azure.functions as func
 import requests
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline.transport import RequestsTransport
-from azure.functions import _abc as azf_abc
-from azure.functions.queue import QueueMessage as WorkerQueueMessage
-from azure.functions.timer import TimerRequest as WorkerTimerRequest
 from azure.storage.queue import QueueClient, QueueServiceClient
 
 from ._loader import FunctionLoadError, LoadedFunction, load_function
 from ._settings import HostSettings, resolve_setting_refs
+from ._worker import WorkerOutput, get_worker
 
 __all__ = ["FunctionStats", "LocalHost", "RunReport"]
 
@@ -126,85 +129,6 @@ class RunReport:
         }
 
 
-# ------------------------------------------------------------------------------------------ worker objects
-
-
-class _Out(func.Out[Any]):
-    """The concrete ``func.Out`` the worker injects."""
-
-    def __init__(self) -> None:
-        self._value: Any = None
-
-    def set(self, val: Any) -> None:
-        self._value = val
-
-    def get(self) -> Any:
-        return self._value
-
-
-class _TraceContext(azf_abc.TraceContext):
-    def __init__(self) -> None:
-        self._parent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
-
-    @property
-    def trace_state(self) -> str:
-        return ""
-
-    @property
-    def trace_parent(self) -> str:
-        return self._parent
-
-    @property
-    def attributes(self) -> dict[str, str]:
-        return {}
-
-
-class _RetryContext(azf_abc.RetryContext):
-    @property
-    def retry_count(self) -> int:
-        return 0
-
-    @property
-    def max_retry_count(self) -> int:
-        return 0
-
-    @property
-    def exception(self) -> Any:
-        return None
-
-
-class _Context(func.Context):
-    _tls = threading.local
-
-    def __init__(self, fn: LoadedFunction) -> None:
-        self._id = str(uuid.uuid4())
-        self._fn = fn
-
-    @property
-    def invocation_id(self) -> str:
-        return self._id
-
-    @property
-    def thread_local_storage(self) -> type[threading.local]:
-        return self._tls
-
-    @property
-    def function_name(self) -> str:
-        return self._fn.name
-
-    @property
-    def function_directory(self) -> str:
-        return str(self._fn.spec.directory)
-
-    @property
-    def trace_context(self) -> azf_abc.TraceContext:
-        return _TraceContext()
-
-    @property
-    def retry_context(self) -> azf_abc.RetryContext:
-        return _RetryContext()
-
-
 @dataclass
 class _Result:
     """What an invocation produced, collected only after ``main`` returned."""
@@ -214,7 +138,7 @@ class _Result:
 
 
 class _OutputError(Exception):
-    """An output value that the binding cannot encode (the invocation fails, nothing is written)."""
+    """Typed data that the host cannot turn into the output (the invocation fails, nothing is written)."""
 
 
 # ------------------------------------------------------------------------------------------------- routing
@@ -290,9 +214,6 @@ class LocalHost:
         n_queue = max(1, len(self._trigger_queue))
         self._io_pool = ThreadPoolExecutor(
             max_workers=min(128, 8 + 2 * n_queue * self.settings.batch_size), thread_name_prefix="localhost-io"
-        )
-        self._fn_pool = ThreadPoolExecutor(
-            max_workers=min(128, 4 + n_queue * self.settings.batch_size), thread_name_prefix="localhost-fn"
         )
         self._in_flight = 0
         self._http_server: ThreadingHTTPServer | None = None
@@ -426,79 +347,70 @@ class LocalHost:
 
     # ---------------------------------------------------------------------------------------- invocation
 
-    def _collect(self, fn: LoadedFunction, outs: Mapping[str, _Out], result: Any) -> _Result:
-        """Turn the Out values and the return value into messages/response (nothing is written yet)."""
+    def _collect(self, fn: LoadedFunction, output: WorkerOutput) -> _Result:
+        """Turn the worker's typed outputs into messages/response, as the host does (nothing is written yet)."""
         res = _Result()
-        bindings = {b.name: b for b in fn.spec.bindings if b.direction == "out"}
-        values: list[tuple[str, Any]] = [(name, out.get()) for name, out in outs.items()]
-        if "$return" in bindings:
-            values.append(("$return", result))
-        elif result is not None:
-            raise _OutputError(f"function {fn.name} returned a {type(result).__name__} but has no $return binding")
-        for name, value in values:
-            if value is None:
+        for b in fn.spec.outputs:
+            data = output.return_value if b.name == "$return" else output.output_data.get(b.name)
+            if data is None or data.WhichOneof("data") is None:
                 continue
-            b = bindings[name]
             if b.type == "http":
-                if isinstance(value, str):
-                    value = func.HttpResponse(value)
-                if not isinstance(value, func.HttpResponse):
-                    raise _OutputError(f"http output {name!r} must be an HttpResponse or str, not {type(value)}")
-                res.http_response = value
+                res.http_response = self._http_response(b.name, data)
             elif b.type == "queue":
-                conn, queue = self._out_targets[(fn.name, name)]
-                for data in self._queue_payloads(name, value):
-                    res.queue_messages.append((conn, queue, self._encode(data)))
+                conn, queue = self._out_targets[(fn.name, b.name)]
+                for payload in self._queue_payloads(b.name, data):
+                    res.queue_messages.append((conn, queue, self._encode(payload)))
         return res
 
     @staticmethod
-    def _queue_payloads(name: str, value: Any) -> list[bytes]:
-        def one(item: Any) -> bytes:
-            if isinstance(item, str):
-                return item.encode("utf-8")
-            if isinstance(item, (bytes, bytearray)):
-                return bytes(item)
-            if isinstance(item, azf_abc.QueueMessage):
-                data = item.get_body()
-                return data.encode("utf-8") if isinstance(data, str) else data
-            raise _OutputError(f"queue output {name!r} cannot take a {type(item).__name__} (json.dumps it)")
+    def _queue_payloads(name: str, data: Any) -> list[bytes]:
+        """Typed data → queue message bodies: a JSON array is one message per element (the host's rule)."""
+        kind = data.WhichOneof("data")
+        if kind == "string":
+            return [data.string.encode("utf-8")]
+        if kind == "bytes":
+            return [bytes(data.bytes)]
+        if kind in ("int", "double"):
+            return [str(getattr(data, kind)).encode("utf-8")]
+        if kind == "json":
+            value = json.loads(data.json)
+            items = value if isinstance(value, list) else [value]
+            return [(item if isinstance(item, str) else json.dumps(item)).encode("utf-8") for item in items]
+        raise _OutputError(f"queue output {name!r}: the host cannot write typed data of kind {kind!r}")
 
-        if isinstance(value, (str, bytes, bytearray, azf_abc.QueueMessage)):
-            return [one(value)]
-        if isinstance(value, Iterable) and not isinstance(value, Mapping):
-            return [one(v) for v in value]
-        raise _OutputError(f"queue output {name!r} cannot take a {type(value).__name__} (json.dumps it)")
+    @staticmethod
+    def _http_response(name: str, data: Any) -> func.HttpResponse:
+        kind = data.WhichOneof("data")
+        if kind == "string":
+            return func.HttpResponse(data.string)
+        if kind != "http":
+            raise _OutputError(f"http output {name!r}: expected an http response, got typed data {kind!r}")
+        http = data.http
+        body_kind = http.body.WhichOneof("data")
+        body: bytes = b""
+        if body_kind == "bytes":
+            body = bytes(http.body.bytes)
+        elif body_kind in ("string", "json"):
+            body = getattr(http.body, body_kind).encode("utf-8")
+        headers = dict(http.headers)
+        return func.HttpResponse(
+            body,
+            status_code=int(http.status_code or 200),
+            headers=headers,
+            mimetype=next((v for k, v in headers.items() if k.lower() == "content-type"), None),
+        )
 
-    async def _call(self, fn: LoadedFunction, trigger_value: Any) -> _Result:
-        """Call ``main`` with the trigger value and fresh Out objects; raise what it raises."""
-        trigger = fn.spec.trigger
-        kwargs: dict[str, Any] = {trigger.name: trigger_value}
-        outs: dict[str, _Out] = {}
-        for b in fn.spec.bindings:
-            if b.direction == "out" and b.name != "$return":
-                outs[b.name] = kwargs[b.name] = _Out()
-        if fn.signature.requires_context:
-            kwargs["context"] = _Context(fn)
-        if fn.signature.is_async:
-            result = await fn.func(**kwargs)
-        else:
-            ctx = contextvars.copy_context()
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._fn_pool, functools.partial(ctx.run, fn.func, **kwargs))
-        return self._collect(fn, outs, result)
+    async def _call(self, fn: LoadedFunction, trigger: Any, metadata: Mapping[str, Any] | None = None) -> _Result:
+        """One ``InvocationRequest`` to the real worker; raise :class:`~._worker.InvocationFailed` if it failed."""
+        output = await get_worker().invoke(
+            fn.function_id, fn.name, inputs={fn.spec.trigger.name: trigger}, trigger_metadata=metadata
+        )
+        return self._collect(fn, output)
 
     async def _write_outputs(self, res: _Result) -> None:
         for conn, queue, encoded in res.queue_messages:
             await self._io(self._ensure_queue, conn, queue)
             await self._io(self._queue(conn, queue).send_message, encoded)
-
-    def _trigger_arg(self, fn: LoadedFunction, value: Any, body: bytes) -> Any:
-        pytype = fn.signature.pytypes.get(fn.spec.trigger.name)
-        if pytype is str:
-            return body.decode("utf-8")
-        if pytype is bytes:
-            return body
-        return value
 
     def _get(self, name: str, kind: str) -> LoadedFunction:
         fn = self.functions.get(name)
@@ -520,17 +432,17 @@ class LocalHost:
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         schedule = {"AdjustForDST": True}
         status = {"Last": now, "Next": now, "LastUpdated": now}
-        timer = WorkerTimerRequest(past_due=past_due, schedule=schedule, schedule_status=status)
-        payload = json.dumps({"Schedule": schedule, "ScheduleStatus": status, "IsPastDue": past_due}).encode()
-        await self._invoke_simple(fn, self._trigger_arg(fn, timer, payload), "timer")
+        # The host sends the timer's TimerInfo as JSON typed data.
+        payload = json.dumps({"Schedule": schedule, "ScheduleStatus": status, "IsPastDue": past_due})
+        await self._invoke_simple(fn, get_worker().protos.TypedData(json=payload), "timer")
 
-    async def _invoke_simple(self, fn: LoadedFunction, arg: Any, what: str) -> _Result:
+    async def _invoke_simple(self, fn: LoadedFunction, trigger: Any, what: str) -> _Result:
         stats = self.stats[fn.name]
         stats.invocations += 1
         started = time.monotonic()
         log.info("Executing %s (%s)", fn.name, what)
         try:
-            res = await self._call(fn, arg)
+            res = await self._call(fn, trigger)
             await self._write_outputs(res)
         except Exception:
             stats.failures += 1
@@ -585,16 +497,21 @@ class LocalHost:
         if route_params is None:
             matched = self._match_http(split.path)
             route_params = matched[1] if matched and matched[0] is fn else {}
-        req = func.HttpRequest(
-            method=method.upper(),
-            url=full_url,
-            headers=dict(headers or {}),
-            params=query,
-            route_params=dict(route_params),
-            body=body,
+        protos = get_worker().protos
+        # The host sends the request as RpcHttp typed data; with the worker's RawHttpBodyBytes capability the body
+        # is bytes. `params` are the route parameters, `query` the query string.
+        request = protos.TypedData(
+            http=protos.RpcHttp(
+                method=method.upper(),
+                url=full_url,
+                headers={k.lower(): v for k, v in (headers or {}).items()},
+                query=query,
+                params=dict(route_params),
+                body=protos.TypedData(bytes=body),
+            )
         )
         try:
-            res = await self._invoke_simple(fn, self._trigger_arg(fn, req, body), f"{method.upper()} {split.path}")
+            res = await self._invoke_simple(fn, request, f"{method.upper()} {split.path}")
         except Exception:
             return func.HttpResponse(status_code=500)
         return res.http_response or func.HttpResponse(status_code=204)
@@ -637,7 +554,7 @@ class LocalHost:
                 for key, value in resp.headers.items():
                     if key.lower() not in ("content-length", "transfer-encoding"):
                         self.send_header(key, value)
-                if "content-type" not in {k.lower() for k in resp.headers}:
+                if "content-type" not in {k.lower() for k, _ in resp.headers.items()}:
                     self.send_header("Content-Type", resp.mimetype or "text/plain")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -720,16 +637,8 @@ class LocalHost:
                 body = self._decode(msg.content or "")
             except ValueError as exc:  # binascii.Error, UnicodeDecodeError
                 raise ValueError(f"message is not valid for messageEncoding={s.message_encoding}: {exc}") from exc
-            qmsg = WorkerQueueMessage(
-                id=msg.id,
-                body=body,
-                dequeue_count=dequeue_count,
-                insertion_time=msg.inserted_on,
-                expiration_time=msg.expires_on,
-                time_next_visible=msg.next_visible_on,
-                pop_receipt=msg.pop_receipt,
-            )
-            res = await self._call(fn, self._trigger_arg(fn, qmsg, body))
+            trigger, metadata = self._queue_trigger_data(msg, body, dequeue_count)
+            res = await self._call(fn, trigger, metadata)
             await self._write_outputs(res)
         except Exception as exc:
             await stop_renewing()
@@ -769,6 +678,29 @@ class LocalHost:
                 await self._io(qc.delete_message, msg.id, receipt["pop"])
 
         await self._guard(fn, msg, delete())
+
+    @staticmethod
+    def _queue_trigger_data(msg: Any, body: bytes, dequeue_count: int) -> tuple[Any, dict[str, Any]]:
+        """The queue message as the host sends it: the body as typed data, plus the trigger metadata."""
+        p = get_worker().protos
+        try:
+            trigger = p.TypedData(string=body.decode("utf-8"))
+        except UnicodeDecodeError:
+            trigger = p.TypedData(bytes=body)
+
+        def when(value: Any) -> Any:
+            return p.TypedData(json=json.dumps(value.isoformat() if value is not None else None))
+
+        metadata = {
+            "Id": p.TypedData(string=str(msg.id)),
+            "DequeueCount": p.TypedData(json=json.dumps(dequeue_count)),
+            "InsertionTime": when(msg.inserted_on),
+            "ExpirationTime": when(msg.expires_on),
+            "NextVisibleTime": when(msg.next_visible_on),
+            "PopReceipt": p.TypedData(string=str(msg.pop_receipt or "")),
+            "QueueTrigger": trigger,
+        }
+        return trigger, metadata
 
     async def _release(self, qc: QueueClient, msg: Any, receipt: dict[str, str], lock: asyncio.Lock) -> None:
         """Make a failed message visible again after ``visibilityTimeout``.
@@ -935,7 +867,6 @@ class LocalHost:
             server.server_close()
             self._http_server = None
         self._io_pool.shutdown(wait=False, cancel_futures=True)
-        self._fn_pool.shutdown(wait=False, cancel_futures=True)
         for svc in self._services.values():
             svc.close()
         self._session.close()
