@@ -5,13 +5,13 @@
 #
 # The zip holds host.json, requirements.txt, the function folders, d365_migration/ (without the local-only
 # sandbox/ and localhost/ packages) and .python_packages/lib/site-packages with the dependencies, installed for
-# Linux x86_64 + CPython 3.11 (what Flex Consumption runs). It is deployed with remoteBuild=false (onedeploy from
+# Linux x86_64 + CPython 3.13 (what Flex Consumption runs). It is deployed with remoteBuild=false (onedeploy from
 # infra/app/deploy.bicep, or `az functionapp deployment source config-zip`), so nothing is built in Azure.
 #
-# On Linux with Python 3.11 the dependencies are installed normally; anywhere else pip is asked for manylinux
-# wheels for CPython 3.11 (binary-only), so the zip is still right for Azure.
+# On Linux with Python 3.13 the dependencies are installed normally; anywhere else pip is asked for manylinux
+# wheels for CPython 3.13 (binary-only), so the zip is still right for Azure.
 #
-# Environment: PYTHON (default python3.11, else python3); SKIP_DEPS=1 skips the pip step (layout checks only).
+# Environment: PYTHON (default python3.13, else python3); SKIP_DEPS=1 skips the pip step (layout checks only).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,11 +19,11 @@ cd "$ROOT"
 
 OUT="${1:-dist/d365-migration.zip}"
 case "$OUT" in /*) ;; *) OUT="$ROOT/$OUT" ;; esac
-TARGET_PY="3.11"
+TARGET_PY="3.13"
 FUNCTIONS=(detect_expiring purchase_new reassign_licenses suspend_old scan_customers status)
 
 if [[ -z "${PYTHON:-}" ]]; then
-  if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
+  if command -v python3.13 >/dev/null 2>&1; then PYTHON=python3.13; else PYTHON=python3; fi
 fi
 
 STAGE="$(mktemp -d "${TMPDIR:-/tmp}/d365-package.XXXXXX")"

@@ -1,9 +1,9 @@
-"""Every function folder of the app loads the way the Python v1 worker would load it.
+"""Every function folder of the app loads in the real Python worker (``azure-functions-runtime-v1``).
 
 Folders are discovered at collection time (any top-level folder with a function.json), so new functions are
-checked without editing this file. The checks are those of ``d365_migration.localhost.check_function_folder``
-(bindings ↔ parameters, ``func.Out`` on out bindings only, trigger annotations, ``$return`` direction, one
-trigger, scriptFile/entryPoint). A load error here is one the real host would only report at start-up.
+checked without editing this file. ``d365_migration.localhost.check_function_folder`` applies the .NET host's
+function.json rules, then sends the real worker a ``FunctionLoadRequest``: any rejection fails the test with the
+worker's own message -- the error Azure would only report at start-up.
 """
 
 from __future__ import annotations

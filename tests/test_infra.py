@@ -680,7 +680,7 @@ def test_function_app_runtime_identity_and_hardening() -> None:
     fac = props.block("functionAppConfig")
     runtime = fac.block("runtime").entries()
     assert literal(runtime["name"]) == "python"
-    assert value_in(api(), runtime["version"]) == "3.11"
+    assert value_in(api(), runtime["version"]) == "3.13"
 
 
 def test_deployment_storage_uses_the_user_assigned_identity() -> None:

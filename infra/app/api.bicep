@@ -1,4 +1,4 @@
-// The function app: Flex Consumption (Linux), Python 3.11, v1 programming model (function folders with
+// The function app: Flex Consumption (Linux), Python 3.13, v1 programming model (function folders with
 // function.json). One user-assigned identity for everything; no keys or connection-string secrets in app settings.
 param name string
 param planName string
@@ -32,7 +32,7 @@ param maximumInstanceCount int
 ])
 param instanceMemoryMB int = 2048
 
-param pythonVersion string = '3.11'
+param pythonVersion string = '3.13'
 
 // Application settings (every one the code reads: d365_migration/_settings.py APP_SETTINGS).
 param partnerCenterTenantId string

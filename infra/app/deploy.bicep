@@ -1,5 +1,5 @@
 // Optional code deployment for "Deploy to Azure" (no azd): onedeploy pulls a ready-to-run zip (dependencies
-// already under .python_packages/lib/site-packages, built for Linux + Python 3.11 by scripts/build_package.sh) and
+// already under .python_packages/lib/site-packages, built for Linux + Python 3.13 by scripts/build_package.sh) and
 // publishes it to the Flex deployment container. remoteBuild is false: nothing is built in Azure.
 param functionAppName string
 
