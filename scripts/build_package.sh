@@ -23,7 +23,11 @@ TARGET_PY="3.13"
 FUNCTIONS=(detect_expiring purchase_new reassign_licenses suspend_old scan_customers status)
 
 if [[ -z "${PYTHON:-}" ]]; then
-  if command -v python3.13 >/dev/null 2>&1; then PYTHON=python3.13; else PYTHON=python3; fi
+  # The first candidate that really runs (a pyenv shim may exist for a version that is not selected).
+  PYTHON=python3
+  for candidate in python3.13 "$HOME"/.pyenv/versions/3.13*/bin/python3.13; do
+    if "$candidate" -c 'import sys' >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
+  done
 fi
 
 STAGE="$(mktemp -d "${TMPDIR:-/tmp}/d365-package.XXXXXX")"

@@ -910,7 +910,7 @@ def test_ci_workflow_runs_make_test() -> None:
     text = (WORKFLOWS / "ci.yml").read_text(encoding="utf-8")
     assert re.search(r"^\s*pull_request:", text, re.MULTILINE) and re.search(r"^\s*push:", text, re.MULTILINE)
     assert re.search(r"^\s*(-\s*)?run:\s*make test\s*$", text, re.MULTILINE)
-    assert re.search(r"python-version:\s*[\"']?3\.11", text)
+    assert re.search(r"python-version:\s*[\"']?3\.13", text)
     assert re.search(r"node-version:\s*[\"']?20", text)
 
 
