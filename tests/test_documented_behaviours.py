@@ -59,8 +59,13 @@ def client_for(srv: SandboxServer, **kw: Any) -> PartnerCenterClient:
     return PartnerCenterClient(srv.url, credential, **options)
 
 
+def expected(srv: SandboxServer) -> list[Any]:
+    assert srv.manifest is not None
+    return list(srv.manifest.expected)
+
+
 def first_expected(srv: SandboxServer) -> Any:
-    return srv.manifest.expected[0]
+    return expected(srv)[0]
 
 
 def holder_of(srv: SandboxServer) -> tuple[str, str]:
@@ -136,7 +141,7 @@ async def test_update_subscription_confirms_a_202_and_reports_a_slow_one_as_pend
                                                 request_id=RequestAttempt.first("suspend", old.id))
         assert done.status == "suspended"
     srv.config.patch_apply_delay_s = 60
-    other = srv.manifest.expected[1]
+    other = expected(srv)[1]
     async with client_for(srv, update_confirm_seconds=0.3, confirm_poll_seconds=0.1) as client:
         old = await client.get_subscription(other.customer_id, other.subscription_id)
         with pytest.raises(UpdatePendingError) as slow:
@@ -330,7 +335,7 @@ async def test_missing_gdap_roles_are_one_typed_stop_naming_the_roles(sandbox_fa
         assert status.value.roles == ("Directory Reader", "Global Reader")
         with pytest.raises(AccessDeniedError):
             await client.list_subscribed_skus(em.customer_id)
-        other = next(e for e in srv.manifest.expected if e.customer_id != em.customer_id)
+        other = next(e for e in expected(srv) if e.customer_id != em.customer_id)
         assert await client.list_subscribed_skus(other.customer_id)
         assert await client.list_subscriptions(em.customer_id)  # commerce calls need no directory role
 
