@@ -129,13 +129,14 @@ DEMO_BEHAVIOURS: dict[str, Any] = {
     "customer_paging_ends_in_2000": True,
     "users_paging_ends_in_2000": True,
     "license_warnings": True,
+    "patch_accepted": True,
+    "patch_apply_delay_s": 1.0,
 }
 
 #: Documented, realistic behaviours the current steps do not handle yet (tag-based recovery, 202/409 on suspend,
 #: availability resolution at purchase, waits in polls): off by default until the steps are rewired.
 PENDING_BEHAVIOURS: dict[str, Any] = {
     "nce_product_friendly_names": True,
-    "patch_accepted": True,
     "availabilities_rotated": True,
     "provisioning_status_lag_s": 20.0,
     "subscribed_skus_lag_s": 10.0,
