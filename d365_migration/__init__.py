@@ -21,7 +21,18 @@ _EXPORTS: dict[str, str] = {
     "normalize_offer_name": "_catalog",
     "PartnerCenterClient": "_client",
     "deterministic_request_id": "_client",
+    "RequestAttempt": "_client",
+    "gdap_roles_for": "_client",
     "AuthenticationError": "_exceptions",
+    "AccessDeniedError": "_exceptions",
+    "LookAgainLater": "_exceptions",
+    "NoAvailabilityError": "_exceptions",
+    "ProvisioningNotReadyError": "_exceptions",
+    "PurchaseRejectedError": "_exceptions",
+    "RequestIdReusedError": "_exceptions",
+    "RetryAfterTooLongError": "_exceptions",
+    "SubscriptionSuspendedError": "_exceptions",
+    "UpdatePendingError": "_exceptions",
     "ClientError": "_exceptions",
     "ConcurrencyConflict": "_exceptions",
     "ConfigurationError": "_exceptions",
@@ -48,8 +59,13 @@ _EXPORTS: dict[str, str] = {
     "MigrationService": "_pipeline",
     "StepResult": "_pipeline",
     "QueueSender": "_queues",
+    "Availability": "_models",
+    "LicenseUpdateResult": "_models",
+    "LicenseWarning": "_models",
+    "UpdateAccepted": "_models",
     "APP_SETTINGS": "_settings",
     "ReplacementOffers": "_settings",
+    "ReplacementTarget": "_settings",
     "Settings": "_settings",
     "load_settings": "_settings",
 }
@@ -102,9 +118,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._client import (
         PartnerCenterClient as PartnerCenterClient,
     )
+    from ._client import RequestAttempt as RequestAttempt
     from ._client import (
         deterministic_request_id as deterministic_request_id,
     )
+    from ._client import gdap_roles_for as gdap_roles_for
+    from ._exceptions import AccessDeniedError as AccessDeniedError
     from ._exceptions import (
         AuthenticationError as AuthenticationError,
     )
@@ -126,12 +145,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._exceptions import (
         LedgerError as LedgerError,
     )
+    from ._exceptions import LookAgainLater as LookAgainLater
     from ._exceptions import (
         MalformedResponseError as MalformedResponseError,
     )
     from ._exceptions import (
         MigrationError as MigrationError,
     )
+    from ._exceptions import NoAvailabilityError as NoAvailabilityError
     from ._exceptions import (
         NotFoundError as NotFoundError,
     )
@@ -144,15 +165,21 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._exceptions import (
         PreconditionFailedError as PreconditionFailedError,
     )
+    from ._exceptions import ProvisioningNotReadyError as ProvisioningNotReadyError
+    from ._exceptions import PurchaseRejectedError as PurchaseRejectedError
+    from ._exceptions import RequestIdReusedError as RequestIdReusedError
+    from ._exceptions import RetryAfterTooLongError as RetryAfterTooLongError
     from ._exceptions import (
         ServerError as ServerError,
     )
+    from ._exceptions import SubscriptionSuspendedError as SubscriptionSuspendedError
     from ._exceptions import (
         ThrottledError as ThrottledError,
     )
     from ._exceptions import (
         TransportError as TransportError,
     )
+    from ._exceptions import UpdatePendingError as UpdatePendingError
     from ._ledger import (
         FINAL_STATES as FINAL_STATES,
     )
@@ -174,6 +201,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._messages import (
         StepMessage as StepMessage,
     )
+    from ._models import Availability as Availability
+    from ._models import LicenseUpdateResult as LicenseUpdateResult
+    from ._models import LicenseWarning as LicenseWarning
+    from ._models import UpdateAccepted as UpdateAccepted
     from ._pipeline import (
         DetectReport as DetectReport,
     )
@@ -192,6 +223,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._settings import (
         ReplacementOffers as ReplacementOffers,
     )
+    from ._settings import ReplacementTarget as ReplacementTarget
     from ._settings import (
         Settings as Settings,
     )

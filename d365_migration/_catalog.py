@@ -31,6 +31,25 @@ class RetiredOffer:
     sku_part_numbers: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class OfferMatch:
+    """What the catalog makes of a subscription's offer: a retired offer (``offer``), or nothing — and then whether
+    it *looks* like one (``unrecognised``: a Dynamics 365 / CRM "(Qualified Offer)" name the catalog does not list),
+    so detection can report it by name instead of dropping it silently."""
+
+    offer: RetiredOffer | None
+    unrecognised: bool = False
+    matched_by: str | None = None  # "offer_id" | "name"
+
+
+def looks_like_qualified_offer(offer_name: str | None) -> bool:
+    """A Dynamics/CRM offer named "… (Qualified Offer)" — the naming of the retired offers (Microsoft's runbook
+    lists 24 editions and 2 umbrella offers; Microsoft publishes no offer GUIDs for them, so ``offerIds`` stay empty
+    in the packaged catalog and partners add theirs with RETIRED_OFFERS_EXTRA)."""
+    text = normalize_offer_name(offer_name or "")
+    return "qualified offer" in text and any(w in text.split() for w in ("dynamics", "crm", "crmol", "d365"))
+
+
 def normalize_offer_name(name: str) -> str:
     """Case-, accent-, punctuation- and whitespace-insensitive form of an offer name."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii").casefold()
@@ -57,13 +76,20 @@ class RetiredOfferCatalog:
         return len(self._offers)
 
     def match(self, offer_id: str | None, offer_name: str | None) -> RetiredOffer | None:
+        return self.classify(offer_id, offer_name).offer
+
+    def classify(self, offer_id: str | None, offer_name: str | None) -> OfferMatch:
+        """By offer id when known, else by normalized name; when neither matches, say whether the name looks like a
+        qualified offer the catalog does not know (report it as unrecognised, with its name)."""
         if offer_id:
             found = self._by_id.get(offer_id.strip().lower())
             if found is not None:
-                return found
+                return OfferMatch(found, matched_by="offer_id")
         if offer_name:
-            return self._by_name.get(normalize_offer_name(offer_name))
-        return None
+            by_name = self._by_name.get(normalize_offer_name(offer_name))
+            if by_name is not None:
+                return OfferMatch(by_name, matched_by="name")
+        return OfferMatch(None, unrecognised=looks_like_qualified_offer(offer_name))
 
     @classmethod
     def load(cls, extra: str | None = None) -> RetiredOfferCatalog:

@@ -3,11 +3,18 @@
 ``PartnerCenterClient(endpoint, credential, *, ...)`` follows the Azure SDK shape: keyword-only options, paging hidden
 behind async iterators, typed errors carrying Partner Center's ``code`` and ``description``.
 
-Retries: 429 waits ``Retry-After`` (and slows the shared limiter); 5xx, 408 and transport errors are retried with
-exponential backoff and jitter, always with the *same* ``MS-RequestId`` (Partner Center's headers page: reuse it when
-a call timed out; a new one once a response arrived). A write that may have been applied without us seeing the
-answer (``idempotent=False``) is not retried blindly: the error says ``maybe_applied`` and the caller checks state
-first. Other 4xx raise at once. Tokens never reach a log line or an exception message.
+Retries: 429 waits ``Retry-After`` (and slows the shared limiter); a ``Retry-After`` longer than ``max_retry_after``
+raises :class:`RetryAfterTooLongError` (look again later, not a failure). 5xx, 408 and transport errors are retried
+with exponential backoff and jitter, always with the *same* ``MS-RequestId``. A write that may have been applied
+without us seeing the answer (``idempotent=False``) is not retried blindly: the error says ``maybe_applied`` and the
+caller checks state first. Other 4xx raise at once, typed (see ``_exceptions``): 401/403 that mean the token or the
+GDAP roles are wrong raise :class:`AccessDeniedError` naming the fix. Tokens never reach a log line or an exception.
+
+Request ids (https://learn.microsoft.com/partner-center/developer/headers): ``MS-RequestId`` is reused only to retry
+the same call after a timeout or lost answer; after any response — success or business failure — the next call needs
+a new one. Writes take a :class:`RequestAttempt` (operation + key + attempt number, deterministic so a retry after a
+crash sends the same id); the caller bumps ``attempt`` after every answer it saw. The client remembers which ids got
+an answer and refuses (``strict_request_ids``) or logs ``event=request_id_reused`` when one is sent again.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ import asyncio
 import json
 import logging
 import random
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -26,26 +36,38 @@ import httpx
 
 from ._context import log_prefix
 from ._exceptions import (
+    AccessDeniedError,
     ClientError,
     ConflictError,
     MalformedResponseError,
+    NoAvailabilityError,
     NotFoundError,
     PartnerCenterApiError,
+    PartnerCenterError,
     PreconditionFailedError,
+    ProvisioningNotReadyError,
+    PurchaseRejectedError,
+    RequestIdReusedError,
+    RetryAfterTooLongError,
     ServerError,
+    SubscriptionSuspendedError,
     ThrottledError,
     TransportError,
+    UpdatePendingError,
 )
 from ._models import (
+    Availability,
     Cart,
     CheckoutResult,
     Customer,
     CustomerUser,
     License,
+    LicenseUpdateResult,
     Order,
     ProvisioningStatus,
     SubscribedSku,
     Subscription,
+    UpdateAccepted,
     get_ci,
 )
 from ._ratelimit import RateLimiter
@@ -71,6 +93,64 @@ def deterministic_request_id(*parts: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "d365-migration:" + "/".join(p.lower() for p in parts)))
 
 
+@dataclass(frozen=True)
+class RequestAttempt:
+    """The ``MS-RequestId`` of one attempt of one logical write, by the documented rule (headers page): the same id
+    only to retry the same call after a timeout or lost answer; a new one for the next attempt after any response.
+
+    ``attempt`` is what the caller records (e.g. in the ledger) and bumps with :meth:`next` once it has seen an
+    answer — success or business failure. The id is deterministic in (operation, key, attempt), so a process that
+    crashed before seeing the answer resends the same id. Sending an id that already got an answer is refused by a
+    ``strict_request_ids`` client (:class:`RequestIdReusedError`) and logged otherwise."""
+
+    operation: str
+    key: tuple[str, ...]
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.operation or self.attempt < 0:
+            raise ValueError("a RequestAttempt needs an operation and an attempt number >= 0")
+
+    @classmethod
+    def first(cls, operation: str, *key: str) -> RequestAttempt:
+        return cls(operation, tuple(key), 0)
+
+    @property
+    def request_id(self) -> str:
+        return deterministic_request_id(self.operation, *self.key, f"attempt-{self.attempt}")
+
+    def next(self) -> RequestAttempt:
+        """The attempt after one that got an answer."""
+        return RequestAttempt(self.operation, self.key, self.attempt + 1)
+
+    def __str__(self) -> str:
+        return self.request_id
+
+
+RequestIdLike = str | RequestAttempt
+
+# GDAP roles each App+User-only operation needs (Microsoft Learn, "GDAP roles" on each operation's page):
+# get-a-list-of-all-user-accounts-for-a-customer, get-a-list-of-available-licenses, assign-licenses-to-a-user,
+# get-subscription-provisioning-status.
+_GDAP_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("/licenseupdates", ("License Administrator", "User Administrator", "Directory Writers")),
+    ("/licenses", ("Directory Reader", "Global Reader", "License Administrator", "User Administrator")),
+    ("/subscribedskus", ("Directory Reader", "Global Reader", "User Administrator", "License Administrator")),
+    ("/provisioningstatus", ("Directory Reader", "Global Reader")),
+    ("/users", ("Directory Reader", "Global Reader", "User Administrator")),
+)
+_APP_USER_ONLY = tuple(suffix for suffix, _ in _GDAP_ROLES)
+
+
+def gdap_roles_for(path: str) -> tuple[str, ...]:
+    """The GDAP roles (any one suffices) the partner needs in the customer tenant for ``path``."""
+    lowered = urlsplit(path).path.lower().rstrip("/")
+    for suffix, roles in _GDAP_ROLES:
+        if lowered.endswith(suffix) or f"{suffix}/" in lowered:
+            return roles
+    return ()
+
+
 def _segment(value: str, what: str) -> str:
     """An id that goes into a URL path: validated, never able to change the path."""
     text = value.strip()
@@ -92,6 +172,12 @@ class PageRequest:
     path: str
     params: tuple[tuple[str, str], ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_continuation(self) -> bool:
+        """A page after the first (it carries a continuation token or ``seekOperation``)."""
+        return (any(k.lower() == "ms-continuationtoken" for k, _ in self.headers)
+                or any(k.lower() == "seekoperation" for k, _ in self.params))
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "params": [list(p) for p in self.params],
@@ -138,6 +224,10 @@ class PartnerCenterClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         application_name: str = "d365-migration",
+        strict_request_ids: bool = False,
+        update_confirm_seconds: float = 30.0,
+        confirm_poll_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
         self._credential = credential
@@ -153,6 +243,12 @@ class PartnerCenterClient:
         self._sleep = sleep
         self._random = random.Random()
         self._app_name = application_name
+        self._strict_request_ids = strict_request_ids
+        self._update_confirm_seconds = max(0.0, update_confirm_seconds)
+        self._confirm_poll_seconds = max(0.0, confirm_poll_seconds)
+        self._clock = clock
+        # MS-RequestIds of writes that got an answer (bounded; oldest forgotten first).
+        self._answered: OrderedDict[str, str] = OrderedDict()
         self.stats = RequestStats()
         self._http = httpx.AsyncClient(
             base_url=self._endpoint,
@@ -196,6 +292,31 @@ class PartnerCenterClient:
         # Full jitter: spreads retries of many workers apart.
         return float(self._random.uniform(0, min(self._backoff_max, self._backoff_base * 2**attempt)))
 
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``Retry-After`` the client sleeps in one call; longer ones raise RetryAfterTooLongError."""
+        return self._max_retry_after
+
+    def _check_request_id(self, request_id: str, method: str, path: str) -> None:
+        previous = self._answered.get(request_id.lower())
+        if previous is None:
+            return
+        text = (f"MS-RequestId {request_id} already got an answer ({previous}); the headers page requires a new id "
+                "for the next attempt — bump the RequestAttempt")
+        if self._strict_request_ids:
+            raise RequestIdReusedError(f"{method} {_path_only(path)}: {text}")
+        logger.warning("%sevent=request_id_reused %s %s: %s", log_prefix(), method, _path_only(path), text)
+
+    def _remember_answer(self, request_id: str, answer: str) -> None:
+        self._answered[request_id.lower()] = answer
+        self._answered.move_to_end(request_id.lower())
+        while len(self._answered) > 50_000:
+            self._answered.popitem(last=False)
+
+    def was_answered(self, request_id: RequestIdLike) -> bool:
+        """Did a write with this ``MS-RequestId`` get an answer (success or business failure) in this process?"""
+        return str(request_id).lower() in self._answered
+
     async def request(
         self,
         method: str,
@@ -204,13 +325,38 @@ class PartnerCenterClient:
         params: Mapping[str, str] | None = None,
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
-        request_id: str | None = None,
+        request_id: RequestIdLike | None = None,
         rate_class: RateClass = "commerce",
         idempotent: bool = True,
         expect_body: bool = True,
     ) -> Any:
-        """Send one logical request (with retries) and return the decoded JSON body."""
-        request_id = request_id or new_request_id()
+        """Send one logical request (with retries) and return the decoded JSON body (None for an empty body).
+
+        :raises PartnerCenterError: typed by status and code (see the module docstring)."""
+        response = await self._send(method, path, params=params, json_body=json_body, headers=headers,
+                                    request_id=request_id, rate_class=rate_class, idempotent=idempotent)
+        if not expect_body or not response.content:
+            return None
+        return _decode(response, method, _path_only(path))
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: RequestIdLike | None = None,
+        rate_class: RateClass = "commerce",
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        """The retry loop; returns the first 2xx response."""
+        explicit_id = request_id is not None
+        request_id = str(request_id) if request_id is not None else new_request_id()
+        is_write = method.upper() != "GET"
+        if explicit_id and is_write:
+            self._check_request_id(request_id, method, path)
         limiter = self._limiters[rate_class]
         content = json.dumps(json_body).encode() if json_body is not None else None
         force_refresh = False
@@ -245,9 +391,11 @@ class PartnerCenterClient:
                         limiter.on_throttled(min(retry_after, self._max_retry_after))
                     logger.warning("%sthrottled %s %s: retry after %.1fs", log_prefix(), method, _path_only(path),
                                    retry_after)
-                    last_error = ThrottledError(retry_after, method=method, path=_path_only(path))
                     if retry_after > self._max_retry_after:
-                        raise last_error
+                        # Longer than we sleep in one call: not a failure, the caller looks again later
+                        # (api-throttling-guidance: wait Retry-After, then retry).
+                        raise RetryAfterTooLongError(retry_after, method=method, path=_path_only(path))
+                    last_error = ThrottledError(retry_after, method=method, path=_path_only(path))
                     if limiter is None:
                         await self._sleep(retry_after)
                     self.stats.retries += 1
@@ -260,15 +408,22 @@ class PartnerCenterClient:
                     if not idempotent:
                         error.maybe_applied = True  # type: ignore[attr-defined]
                         raise error
+                    server_wait = _retry_after(response, default=0.0) if "Retry-After" in response.headers else 0.0
+                    if server_wait > self._max_retry_after:
+                        raise RetryAfterTooLongError(server_wait, method=method, path=_path_only(path),
+                                                     status=status)
                     last_error = error
                 elif status >= 400:
-                    raise _api_error(response, method, _path_only(path))
+                    error = _api_error(response, method, _path_only(path))
+                    if is_write and explicit_id:
+                        self._remember_answer(request_id, f"HTTP {status} code {getattr(error, 'code', None)}")
+                    raise error
                 else:
                     if limiter is not None:
                         limiter.on_success()
-                    if not expect_body or not response.content:
-                        return None
-                    return _decode(response, method, _path_only(path))
+                    if is_write and explicit_id:
+                        self._remember_answer(request_id, f"HTTP {status}")
+                    return response
             if attempt + 1 < self._max_attempts:
                 self.stats.retries += 1
                 delay = self._backoff(attempt)
@@ -280,9 +435,20 @@ class PartnerCenterClient:
 
     async def fetch_page(self, page: PageRequest, *, rate_class: RateClass, what: str
                          ) -> tuple[list[Any], PageRequest | None]:
-        """One page: its ``items`` and the request for the next page (``None`` on the last)."""
-        body = await self.request("GET", page.path, params=dict(page.params) or None,
-                                  headers=dict(page.headers) or None, rate_class=rate_class)
+        """One page: its ``items`` and the request for the next page (``None`` on the last).
+
+        The last page may still carry a continuation; following it answers ``400`` code ``2000``, which Microsoft's
+        own bulk migration tool treats as "fetched all the records" (Partner-Center-DotNet-Samples,
+        nce-bulk-migration-tool CustomerProvider.cs; https://learn.microsoft.com/partner-center/developer/
+        get-a-list-of-customers). A continuation page answering that is an empty last page, not an error."""
+        try:
+            body = await self.request("GET", page.path, params=dict(page.params) or None,
+                                      headers=dict(page.headers) or None, rate_class=rate_class)
+        except ClientError as exc:
+            if exc.status == 400 and exc.code == "2000" and page.is_continuation:
+                logger.info("%s%s paging ended with code 2000 (end of data)", log_prefix(), what)
+                return [], None
+            raise
         if not isinstance(body, Mapping):
             raise MalformedResponseError(f"{what} page is not a JSON object", method="GET", path=page.path)
         items = get_ci(body, "items")
@@ -338,9 +504,20 @@ class PartnerCenterClient:
         path = self._sub_path(customer_id, subscription_id)
         return Subscription.parse(await self.request("GET", path))
 
-    async def update_subscription(self, customer_id: str, subscription: Subscription, *, status: str,
-                                  request_id: str) -> Subscription:
-        """PATCH the *whole* resource with the new status and ``If-Match`` (a partial body resets auto-renew)."""
+    async def set_subscription_status(self, customer_id: str, subscription: Subscription, *, status: str,
+                                      request_id: RequestIdLike) -> Subscription | UpdateAccepted:
+        """PATCH the *whole* resource with the new status and ``If-Match`` (a partial body resets auto-renew).
+
+        Returns the updated subscription (``200``), or :class:`UpdateAccepted` when Partner Center answers
+        ``202 Accepted`` with a ``Location`` and no body — "when the patch operation takes longer than the expected
+        time … query the subscription periodically" (https://learn.microsoft.com/partner-center/developer/
+        update-a-subscription-by-id); confirm with :meth:`confirm_subscription_status`.
+
+        :raises UpdatePendingError: ``409`` ``800082``/``900278``: an earlier update is still pending; look later.
+        :raises SubscriptionSuspendedError: ``400 800091``: already suspended (e.g. our earlier PATCH whose answer
+            was lost); re-read and complete if that was the goal.
+        :raises PreconditionFailedError: the ETag is stale; re-read and decide again.
+        """
         body = dict(subscription.raw)
         for key in list(body):
             if key.lower() == "status":
@@ -348,12 +525,65 @@ class PartnerCenterClient:
         body["status"] = status
         headers = {"If-Match": _quote_etag(subscription.etag)} if subscription.etag else None
         path = self._sub_path(customer_id, subscription.id)
-        return Subscription.parse(await self.request("PATCH", path, json_body=body, headers=headers,
-                                                     request_id=request_id))
+        response = await self._send("PATCH", path, json_body=body, headers=headers, request_id=request_id)
+        if response.status_code == 202 or not response.content.strip():
+            return UpdateAccepted(subscription_id=subscription.id, requested_status=status,
+                                  location=response.headers.get("Location"))
+        return Subscription.parse(_decode(response, "PATCH", _path_only(path)))
+
+    async def confirm_subscription_status(self, customer_id: str, subscription_id: str, status: str, *,
+                                          within_seconds: float | None = None,
+                                          poll_seconds: float | None = None) -> Subscription:
+        """Re-read the subscription until it shows ``status`` (after a ``202 Accepted`` or a lost answer), for at
+        most ``within_seconds`` (default: the client's ``update_confirm_seconds``).
+
+        :raises UpdatePendingError: not visible in time; look again later (``retry_after`` = the poll interval).
+        """
+        limit = self._update_confirm_seconds if within_seconds is None else max(0.0, within_seconds)
+        poll = self._confirm_poll_seconds if poll_seconds is None else max(0.0, poll_seconds)
+        deadline = self._clock() + limit
+        wanted = status.lower()
+        while True:
+            current = await self.get_subscription(customer_id, subscription_id)
+            if current.status == wanted:
+                return current
+            if self._clock() >= deadline:
+                error = UpdatePendingError(
+                    202, None, f"subscription {subscription_id} is still {current.status}, not {wanted}, "
+                    f"{limit:g}s after the update was accepted; look again later", method="GET",
+                    path=self._sub_path(customer_id, subscription_id))
+                error.retry_after = max(poll, 1.0)
+                raise error
+            await self._sleep(poll)
+
+    async def update_subscription(self, customer_id: str, subscription: Subscription, *, status: str,
+                                  request_id: RequestIdLike) -> Subscription:
+        """:meth:`set_subscription_status`, then, on ``202 Accepted``, :meth:`confirm_subscription_status`.
+
+        :raises UpdatePendingError: pending (``409``) or accepted but not visible within the confirmation window.
+        :raises SubscriptionSuspendedError: ``400 800091`` (see :meth:`set_subscription_status`).
+        """
+        result = await self.set_subscription_status(customer_id, subscription, status=status, request_id=request_id)
+        if isinstance(result, UpdateAccepted):
+            return await self.confirm_subscription_status(customer_id, subscription.id, status)
+        return result
 
     async def get_provisioning_status(self, customer_id: str, subscription_id: str) -> ProvisioningStatus:
+        """The subscription's product SKU and provisioning state (App+User only; refreshed about every 15 minutes,
+        https://learn.microsoft.com/partner-center/developer/get-subscription-provisioning-status).
+
+        :raises ProvisioningNotReadyError: ``404 800007`` — not available yet for a new subscription; look later.
+        :raises AccessDeniedError: ``403``: the partner lacks Directory Reader or Global Reader in the customer.
+        """
         path = self._sub_path(customer_id, subscription_id) + "/provisioningstatus"
-        return ProvisioningStatus.parse(await self.request("GET", path, rate_class="license"))
+        try:
+            body = await self.request("GET", path, rate_class="license")
+        except NotFoundError as exc:
+            if exc.code == "800007":
+                raise ProvisioningNotReadyError(exc.status, exc.code, exc.description, method=exc.method,
+                                                path=exc.path, data=exc.data) from None
+            raise
+        return ProvisioningStatus.parse(body)
 
     def _sub_path(self, customer_id: str, subscription_id: str) -> str:
         return (f"/v1/customers/{_segment(customer_id, 'customer id')}/subscriptions/"
@@ -362,20 +592,36 @@ class PartnerCenterClient:
     # ------------------------------------------------------------------ purchase
 
     async def create_order(self, customer_id: str, offer_id: str, quantity: int, *, friendly_name: str,
-                           billing_cycle: str, request_id: str) -> Order:
-        """Legacy purchase. Not retried blindly after an ambiguous failure: the caller checks state first."""
+                           billing_cycle: str, request_id: RequestIdLike,
+                           partner_id_on_record: str | None = None) -> Order:
+        """Legacy purchase. Not retried blindly after an ambiguous failure: the caller checks state first.
+
+        ``partner_id_on_record`` carries the indirect reseller of the old subscription (order line item
+        ``partnerIdOnRecord``, https://learn.microsoft.com/partner-center/developer/order-resources).
+
+        :raises PurchaseRejectedError: a 4xx business failure (``stage="order"``), with Partner Center's code.
+        :raises ConflictError: ``409 800060`` "order in progress": treat as possibly placed.
+        """
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders"
+        line_item: dict[str, Any] = {"lineItemNumber": 0, "offerId": _guid(offer_id, "offer id"),
+                                     "quantity": quantity, "friendlyName": friendly_name}
+        if partner_id_on_record:
+            line_item["partnerIdOnRecord"] = _segment(partner_id_on_record, "partner id")
         body = {
             "referenceCustomerId": customer_id,
             "billingCycle": billing_cycle,
-            "lineItems": [{"lineItemNumber": 0, "offerId": _guid(offer_id, "offer id"), "quantity": quantity,
-                           "friendlyName": friendly_name}],
+            "lineItems": [line_item],
             "attributes": {"objectType": "Order"},
         }
-        return Order.parse(await self.request("POST", path, json_body=body, request_id=request_id,
-                                              idempotent=False))
+        try:
+            return Order.parse(await self.request("POST", path, json_body=body, request_id=request_id,
+                                                  idempotent=False))
+        except ClientError as exc:
+            raise _rejected(exc, "order") from None
 
     async def list_orders(self, customer_id: str) -> list[Order]:
+        """All of the customer's orders (an order may take up to 15 minutes to show, purchase-new-commerce-
+        license-based). Find a purchase without tags with :meth:`Order.matches`."""
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders"
         body = await self.request("GET", path)
         orders = []
@@ -386,27 +632,108 @@ class PartnerCenterClient:
                 continue  # one odd order must not hide ours
         return orders
 
+    async def find_orders(self, customer_id: str, offer_or_product: str, quantity: int, *,
+                          created_after: datetime | None = None) -> list[Order]:
+        """Orders of ``offer_or_product`` (legacy offer GUID, ``productId:skuId`` or a catalog item id — any
+        availability) with ``quantity`` created after ``created_after``: the purchase after a lost answer, found
+        without relying on our friendly-name tag."""
+        return [o for o in await self.list_orders(customer_id)
+                if o.matches(offer_or_product, quantity, created_after=created_after)]
+
     async def get_order(self, customer_id: str, order_id: str) -> Order:
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders/{_segment(order_id, 'order id')}"
         return Order.parse(await self.request("GET", path))
 
-    async def create_cart(self, customer_id: str, catalog_item_id: str, quantity: int, *, billing_cycle: str,
-                          term_duration: str, friendly_name: str, request_id: str) -> Cart:
-        """An unsubmitted cart costs nothing, so creating one is safe to retry."""
-        path = f"/v1/customers/{_segment(customer_id, 'customer id')}/carts"
-        body = {
-            "lineItems": [{"id": 0, "catalogItemId": catalog_item_id, "quantity": quantity,
-                           "billingCycle": billing_cycle, "termDuration": term_duration,
-                           "friendlyName": friendly_name}],
-            "attributes": {"objectType": "Cart"},
-        }
-        return Cart.parse(await self.request("POST", path, json_body=body, request_id=request_id))
+    async def get_customer(self, customer_id: str) -> Customer:
+        """The customer (its ``country`` comes from ``billingProfile.defaultAddress`` when present)."""
+        return Customer.parse(await self.request("GET", f"/v1/customers/{_segment(customer_id, 'customer id')}"))
 
-    async def checkout_cart(self, customer_id: str, cart_id: str, *, request_id: str) -> CheckoutResult:
-        """Checkout is idempotent per cart: a repeat replays the first result, so retries are safe."""
+    async def list_availabilities(self, product_id: str, sku_id: str, *, country: str,
+                                  target_segment: str | None = None) -> list[Availability]:
+        """``GET /v1/products/{productId}/skus/{skuId}/availabilities?country=…[&targetSegment=…]``
+        (https://learn.microsoft.com/partner-center/developer/get-a-list-of-availabilities-for-a-sku)."""
+        path = (f"/v1/products/{_segment(product_id, 'product id')}/skus/{_segment(sku_id, 'sku id')}"
+                "/availabilities")
+        params = {"country": _country(country)}
+        if target_segment:
+            params["targetSegment"] = target_segment
+        body = await self.request("GET", path, params=params)
+        out = []
+        for item in _items(body, "availabilities", path):
+            try:
+                out.append(Availability.parse(item))
+            except MalformedResponseError:
+                continue
+        return out
+
+    async def resolve_availability(self, product_id: str, sku_id: str, *, country: str, term_duration: str,
+                                   billing_cycle: str, target_segment: str | None = None) -> Availability:
+        """The availability to buy *now*: purchasable in ``country`` with a term of ``term_duration`` billed
+        ``billing_cycle``. Catalog item ids "can change over time … should only be accessed and used at the time of
+        purchase" (https://learn.microsoft.com/partner-center/developer/product-resources), so call this right
+        before creating the cart and buy ``result.catalog_item_id``.
+
+        :raises NoAvailabilityError: none matches (a business failure: record it, naming what was asked for).
+        """
+        found = await self.list_availabilities(product_id, sku_id, country=country, target_segment=target_segment)
+        for availability in found:
+            if availability.is_purchasable and availability.offers(term_duration, billing_cycle):
+                return availability
+        offered = sorted({f"{t.duration}/{t.billing_cycle or '?'}" for a in found if a.is_purchasable
+                          for t in a.terms})
+        raise NoAvailabilityError(
+            404, None, f"no purchasable availability of {product_id}:{sku_id} in {country.upper()} for term "
+            f"{term_duration} billed {billing_cycle} (offered: {', '.join(offered) or 'nothing'})",
+            stage="availability", method="GET", path=f"/v1/products/{product_id}/skus/{sku_id}/availabilities")
+
+    async def create_cart(self, customer_id: str, catalog_item_id: str, quantity: int, *, billing_cycle: str,
+                          term_duration: str, friendly_name: str, request_id: RequestIdLike,
+                          reseller_partner_id: str | None = None) -> Cart:
+        """An unsubmitted cart costs nothing, so creating one is safe to retry.
+
+        ``reseller_partner_id`` carries the indirect reseller of record as the line item's ``participants``
+        ``transaction_reseller`` (https://learn.microsoft.com/partner-center/developer/cart-resources).
+
+        :raises PurchaseRejectedError: the cart was refused (``stage="cart"``, e.g. ``400 800009``) or came back
+            with a line item ``error`` (``stage="cart_line_item"``; the code is the ``errorCode``).
+        """
+        path = f"/v1/customers/{_segment(customer_id, 'customer id')}/carts"
+        line_item: dict[str, Any] = {"id": 0, "catalogItemId": catalog_item_id, "quantity": quantity,
+                                     "billingCycle": billing_cycle, "termDuration": term_duration,
+                                     "friendlyName": friendly_name}
+        if reseller_partner_id:
+            line_item["participants"] = [{"key": "transaction_reseller",
+                                          "value": _segment(reseller_partner_id, "partner id")}]
+        body = {"lineItems": [line_item], "attributes": {"objectType": "Cart"}}
+        try:
+            cart = Cart.parse(await self.request("POST", path, json_body=body, request_id=request_id))
+        except ClientError as exc:
+            raise _rejected(exc, "cart") from None
+        if cart.line_item_errors:
+            first = cart.line_item_errors[0]
+            raise PurchaseRejectedError(
+                201, first.code, "; ".join(f"line item {e.line_item_id}: {e.code}: {e.description}"
+                                           for e in cart.line_item_errors),
+                stage="cart_line_item", method="POST", path=path, data={"cart_id": cart.id})
+        return cart
+
+    async def checkout_cart(self, customer_id: str, cart_id: str, *, request_id: RequestIdLike) -> CheckoutResult:
+        """Checkout is idempotent per cart: a repeat replays the first result, so retries are safe
+        (https://learn.microsoft.com/partner-center/developer/checkout-a-cart). ``orderErrors`` come back in the
+        result; :meth:`CheckoutResult.rejection` turns them into a :class:`PurchaseRejectedError`.
+
+        :raises PurchaseRejectedError: a 4xx business failure (``stage="checkout"``, e.g. ``404 400019``
+            availability not found, ``403 13605``), except ``800065`` (already submitted: find what it created).
+        :raises ConflictError: ``409 800064`` cart being processed.
+        """
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/carts/"
                 f"{_segment(cart_id, 'cart id')}/checkout")
-        return CheckoutResult.parse(await self.request("POST", path, request_id=request_id))
+        try:
+            return CheckoutResult.parse(await self.request("POST", path, request_id=request_id))
+        except ClientError as exc:
+            if exc.code == "800065":
+                raise
+            raise _rejected(exc, "checkout") from None
 
     # ------------------------------------------------------------------ users & licenses (App+User only)
 
@@ -436,8 +763,13 @@ class PartnerCenterClient:
         return [SubscribedSku.parse(item) for item in _items(body, "subscribedskus", path)]
 
     async def update_user_licenses(self, customer_id: str, user_id: str, *, assign: Sequence[str],
-                                   remove: Sequence[str], request_id: str) -> None:
-        """Assign and remove in one call, so the user is never without the product."""
+                                   remove: Sequence[str], request_id: RequestIdLike) -> LicenseUpdateResult:
+        """Assign and remove in one call, so the user is never without the product. Returns the answer's
+        ``licenseWarnings`` (https://learn.microsoft.com/partner-center/developer/assign-licenses-to-a-user).
+
+        :raises AccessDeniedError: MFA missing (``401 900421``), Conditional Access (``403 900309``), app-only token
+            (``400 900316``), or GDAP roles missing (``403 900308``): stop the step once, not per user.
+        """
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/users/"
                 f"{_segment(user_id, 'user id')}/licenseupdates")
         body = {
@@ -445,8 +777,12 @@ class PartnerCenterClient:
             "licensesToRemove": list(remove),
             "attributes": {"objectType": "LicenseUpdate"},
         }
-        await self.request("POST", path, json_body=body, request_id=request_id, rate_class="license",
-                           expect_body=False)
+        answer = await self.request("POST", path, json_body=body, request_id=request_id, rate_class="license")
+        result = LicenseUpdateResult.parse(answer)
+        for warning in result.warnings:
+            logger.warning("%sevent=license_warning user=%s code=%s %s", log_prefix(), user_id, warning.code,
+                           warning.message[:200])
+        return result
 
 
 # ---------------------------------------------------------------------- helpers
@@ -481,7 +817,66 @@ def _decode(response: httpx.Response, method: str, path: str) -> Any:
             "expected", method=method, path=path) from None
 
 
-def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCenterApiError:
+def _country(value: str) -> str:
+    text = value.strip().upper()
+    if len(text) != 2 or not text.isalpha():
+        raise ValueError(f"country {value!r} is not an ISO 3166 alpha-2 code")
+    return text
+
+
+def _rejected(exc: ClientError, stage: str) -> PartnerCenterApiError:
+    """A purchase call's 4xx as a business failure, except the ones that mean "look again" (409, 412)."""
+    if isinstance(exc, (ConflictError, PreconditionFailedError, PurchaseRejectedError)):
+        return exc
+    rejected = PurchaseRejectedError(exc.status, exc.code, exc.description, stage=stage, method=exc.method,
+                                     path=exc.path, data=exc.data, error_name=exc.error_name)
+    if getattr(exc, "maybe_applied", False):
+        rejected.maybe_applied = True  # type: ignore[attr-defined]
+    return rejected
+
+
+# Partner Center error codes that mean the token or the roles are wrong (error-codes page; MFA enforcement of
+# App+User calls answers 401 with 900421): every call of the kind will fail the same way.
+_AUTH_CODES: dict[str, tuple[str, str]] = {
+    "900421": ("mfa_required", "the partner account's token carries no MFA claim: sign it in again with Microsoft "
+               "Entra MFA (`python -m d365_migration consent`) so the stored refresh token is MFA-backed"),
+    "900309": ("conditional_access", "a Conditional Access policy blocked the token: let the partner service account "
+               "satisfy the policy (or exclude it), then `python -m d365_migration consent`"),
+    "900316": ("app_only_token", "user and license calls need an App+User token (Secure Application Model), not "
+               "app-only: set PARTNER_CENTER_AUTH=app-user and run `python -m d365_migration consent`"),
+    "900329": ("app_only_token", "this resource does not accept app-only tokens: use App+User (Secure Application "
+               "Model) and run `python -m d365_migration consent`"),
+    "800001": ("unauthorized", "the request carried no usable partner token: check PARTNER_CENTER_AUTH and run "
+               "`python -m d365_migration consent`"),
+    "900308": ("insufficient_privileges", ""),
+}
+
+
+def _access_denied(status: int, code: str | None, description: str, method: str, path: str
+                   ) -> AccessDeniedError | None:
+    """401/403 (and 400 900316) that mean the token or the roles are wrong, else None (a business failure)."""
+    roles = gdap_roles_for(path)
+    known = _AUTH_CODES.get(code or "")
+    app_user_only_route = any(_path_only(path).lower().rstrip("/").endswith(s) or f"{s}/" in path.lower()
+                              for s in _APP_USER_ONLY)
+    if known is None:
+        if status == 401 or (status == 403 and "mfa" in description.lower()):
+            reason = "mfa_required" if "mfa" in description.lower() else "unauthorized"
+            known = (reason, _AUTH_CODES["900421" if reason == "mfa_required" else "800001"][1])
+        elif status == 403 and app_user_only_route and code in (None, "403"):
+            known = ("insufficient_privileges", "")
+        else:
+            return None
+    reason, fix = known
+    if reason == "insufficient_privileges":
+        fix = ("the partner's GDAP relationship with this customer lacks the directory role for this call: assign "
+               "the partner's security group one of " + (", ".join(roles) if roles else "the roles the operation "
+               "lists") + " in the customer's GDAP relationship (Partner Center → Customers → Admin relationships)")
+    return AccessDeniedError(status, code, description, reason=reason, fix=fix, roles=roles, method=method,
+                             path=path)
+
+
+def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCenterError:
     """Both documented error shapes: ``{code, description, data, source}`` and ``{code, message, errorName…}``."""
     status = response.status_code
     code: str | None = None
@@ -503,15 +898,22 @@ def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCente
         data = get_ci(body, "data")
         name = get_ci(body, "errorName")
         error_name = name if isinstance(name, str) else None
+    if status in (400, 401, 403):
+        denied = _access_denied(status, code, description, method, path)
+        if denied is not None:
+            return denied
     cls: type[PartnerCenterApiError]
     if status >= 500:
         cls = ServerError
     elif status == 404:
         cls = NotFoundError
     elif status == 409:
-        cls = ConflictError
+        # update-a-subscription-by-id / error-codes: 800082 "not ready to be updated", 900278 "pending operation".
+        cls = UpdatePendingError if code in ("800082", "900278") else ConflictError
     elif status == 412 or (status == 400 and code == "2055"):
         cls = PreconditionFailedError
+    elif status == 400 and code == "800091":
+        cls = SubscriptionSuspendedError
     else:
         cls = ClientError
     return cls(status, code, description, method=method, path=path, data=data, error_name=error_name)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ._exceptions import MalformedResponseError
+from ._exceptions import MalformedResponseError, PurchaseRejectedError
 
 
 def get_ci(obj: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -100,19 +100,36 @@ def same_id(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a.strip().lower() == b.strip().lower()
 
 
+#: ``commitmentEndDate`` in this year or later is "a date far, far away in the future" (subscription-resources), not
+#: a real end date; take the end from provisioning status ``endDate`` instead, or list it as "end date unknown".
+FAR_FUTURE_YEAR = 9999
+
+
+def _nested(obj: Mapping[str, Any], *keys: str) -> Any:
+    value: Any = obj
+    for key in keys:
+        if not isinstance(value, Mapping):
+            return None
+        value = get_ci(value, key)
+    return value
+
+
 @dataclass(frozen=True)
 class Customer:
     id: str
     company_name: str | None = None
     domain: str | None = None
+    country: str | None = None  # billingProfile.defaultAddress.country (ISO 3166 alpha-2), when the answer has it
 
     @classmethod
     def parse(cls, data: Any) -> Customer:
         obj = _obj(data, "Customer")
         profile = get_ci(obj, "companyProfile")
         profile = profile if isinstance(profile, Mapping) else {}
+        country = _nested(obj, "billingProfile", "defaultAddress", "country")
         return cls(id=_req_str(obj, "id", "Customer"), company_name=_opt_str(profile, "companyName"),
-                   domain=_opt_str(profile, "domain"))
+                   domain=_opt_str(profile, "domain"),
+                   country=str(country).strip().upper() if isinstance(country, str) and country.strip() else None)
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,19 @@ class Subscription:
     etag: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
     created: datetime | None = None
+    partner_id: str | None = None  # the indirect reseller of record (``partnerId``; "" → None)
+
+    @property
+    def end_date_known(self) -> bool:
+        """False when ``commitmentEndDate`` is missing or the documented far-future placeholder (year 9999)."""
+        return self.commitment_end is not None and self.commitment_end.year < FAR_FUTURE_YEAR
+
+    @property
+    def product_key(self) -> str | None:
+        """New commerce: ``productId:skuId`` (lower-case; the availability part rotates); legacy: the offer GUID."""
+        if not self.offer_id:
+            return None
+        return ":".join(self.offer_id.strip().lower().split(":")[:2])
 
     @classmethod
     def parse(cls, data: Any) -> Subscription:
@@ -149,6 +179,7 @@ class Subscription:
             etag=etag,
             raw=dict(obj),
             created=parse_datetime(get_ci(obj, "creationDate")),
+            partner_id=_opt_str(obj, "partnerId"),
         )
 
 
@@ -159,6 +190,12 @@ class OrderLineItem:
     quantity: int
     subscription_id: str | None
     friendly_name: str | None
+    partner_id_on_record: str | None = None
+
+    @property
+    def product_key(self) -> str | None:
+        """Like :attr:`Subscription.product_key`: ``productId:skuId`` or the legacy offer GUID, lower-case."""
+        return ":".join(self.offer_id.strip().lower().split(":")[:2]) if self.offer_id else None
 
 
 @dataclass(frozen=True)
@@ -166,6 +203,16 @@ class Order:
     id: str
     status: str
     line_items: tuple[OrderLineItem, ...]
+    created: datetime | None = None
+
+    def matches(self, offer_or_product: str, quantity: int, *, created_after: datetime | None = None) -> bool:
+        """Does this order buy ``quantity`` of the offer (legacy GUID) or product SKU (``productId:skuId``, any
+        availability), created after ``created_after``? The tag-free way to find a purchase after a lost answer:
+        new commerce puts the product name, not ours, into the order's ``friendlyName`` (checkout-a-cart)."""
+        key = ":".join(offer_or_product.strip().lower().split(":")[:2])
+        if created_after is not None and (self.created is None or self.created < created_after):
+            return False
+        return any(li.product_key == key and li.quantity == quantity for li in self.line_items)
 
     @classmethod
     def parse(cls, data: Any) -> Order:
@@ -181,20 +228,41 @@ class Order:
                 quantity=_opt_int(item, "quantity"),
                 subscription_id=_opt_str(item, "subscriptionId"),
                 friendly_name=_opt_str(item, "friendlyName"),
+                partner_id_on_record=_opt_str(item, "partnerIdOnRecord"),
             ))
         return cls(id=_req_str(obj, "id", "Order"), status=(_opt_str(obj, "status") or "unknown").lower(),
-                   line_items=tuple(parsed))
+                   line_items=tuple(parsed), created=parse_datetime(get_ci(obj, "creationDate")))
+
+
+@dataclass(frozen=True)
+class CartLineItemError:
+    """A cart line item's ``error`` (cart-resources: ``{errorCode, errorDescription, additionalInformation}``);
+    ``errorCode`` arrives as a name (``CatalogItemIdIsNotValid``) or a number (10001), kept as text."""
+
+    line_item_id: str | None
+    code: str | None
+    description: str
 
 
 @dataclass(frozen=True)
 class Cart:
     id: str
     status: str
+    line_item_errors: tuple[CartLineItemError, ...] = ()
 
     @classmethod
     def parse(cls, data: Any) -> Cart:
         obj = _obj(data, "Cart")
-        return cls(id=_req_str(obj, "id", "Cart"), status=_opt_str(obj, "status") or "unknown")
+        errors = []
+        items = get_ci(obj, "lineItems")
+        for item in items if isinstance(items, list) else []:
+            error = get_ci(item, "error") if isinstance(item, Mapping) else None
+            if isinstance(error, Mapping) and error:
+                errors.append(CartLineItemError(
+                    line_item_id=_opt_str(item, "id"), code=_opt_str(error, "errorCode"),
+                    description=_opt_str(error, "errorDescription") or "cart line item error"))
+        return cls(id=_req_str(obj, "id", "Cart"), status=_opt_str(obj, "status") or "unknown",
+                   line_item_errors=tuple(errors))
 
 
 @dataclass(frozen=True)
@@ -223,16 +291,117 @@ class CheckoutResult:
             ),
         )
 
+    def rejection(self) -> PurchaseRejectedError | None:
+        """The ``orderErrors`` as one business failure carrying Partner Center's first code and every text, or None
+        (checkout-a-cart: a checkout can answer 201 with ``orderErrors`` and no order)."""
+        if not self.order_errors:
+            return None
+        first = self.order_errors[0]
+        text = "; ".join(f"order group {e.order_group_id}: {e.code}: {e.description}" for e in self.order_errors)
+        return PurchaseRejectedError(201, first.code, text, stage="order_errors", method="POST", path="checkout")
+
 
 @dataclass(frozen=True)
 class ProvisioningStatus:
     sku_id: str | None
     status: str  # success | pending | failed | anything new
+    quantity: int | None = None
+    end_date: datetime | None = None  # ``endDate``: a real end when ``commitmentEndDate`` shows year 9999
 
     @classmethod
     def parse(cls, data: Any) -> ProvisioningStatus:
         obj = _obj(data, "SubscriptionProvisioningStatus")
-        return cls(sku_id=_opt_str(obj, "skuId"), status=(_opt_str(obj, "status") or "unknown").lower())
+        quantity = get_ci(obj, "quantity")
+        return cls(sku_id=_opt_str(obj, "skuId"), status=(_opt_str(obj, "status") or "unknown").lower(),
+                   quantity=_opt_int(obj, "quantity") if quantity is not None else None,
+                   end_date=parse_datetime(get_ci(obj, "endDate")))
+
+
+@dataclass(frozen=True)
+class AvailabilityTerm:
+    duration: str | None  # ISO 8601, e.g. P1Y
+    billing_cycle: str | None  # lower-case; the service sends "Monthly"/"Annual"
+    description: str | None
+
+
+@dataclass(frozen=True)
+class Availability:
+    """A purchasable form of a product SKU (product-resources). ``catalog_item_id`` is what a cart buys; it "can
+    change over time" and is read at purchase time."""
+
+    id: str
+    product_id: str | None
+    sku_id: str | None
+    catalog_item_id: str
+    is_purchasable: bool
+    segment: str | None
+    country: str | None
+    terms: tuple[AvailabilityTerm, ...]
+
+    def offers(self, term_duration: str, billing_cycle: str) -> bool:
+        """Can this availability be bought for ``term_duration`` billed ``billing_cycle``? A term without a
+        ``billingCycle`` (older answers) matches on duration alone."""
+        for term in self.terms:
+            if (term.duration or "").upper() != term_duration.upper():
+                continue
+            if term.billing_cycle is None or term.billing_cycle == billing_cycle.lower():
+                return True
+        return False
+
+    @classmethod
+    def parse(cls, data: Any) -> Availability:
+        obj = _obj(data, "Availability")
+        terms = []
+        raw_terms = get_ci(obj, "terms")
+        for term in raw_terms if isinstance(raw_terms, list) else []:
+            if isinstance(term, Mapping):
+                cycle = _opt_str(term, "billingCycle")
+                terms.append(AvailabilityTerm(duration=_opt_str(term, "duration"),
+                                              billing_cycle=cycle.lower() if cycle else None,
+                                              description=_opt_str(term, "description")))
+        purchasable = _opt_bool(obj, "isPurchasable")
+        return cls(id=_req_str(obj, "id", "Availability"), product_id=_opt_str(obj, "productId"),
+                   sku_id=_opt_str(obj, "skuId"), catalog_item_id=_req_str(obj, "catalogItemId", "Availability"),
+                   is_purchasable=purchasable is not False, segment=_opt_str(obj, "segment"),
+                   country=_opt_str(obj, "country"), terms=tuple(terms))
+
+
+@dataclass(frozen=True)
+class UpdateAccepted:
+    """``202 Accepted`` to a subscription PATCH: no body, a ``Location`` to read (update-a-subscription-by-id).
+    The change is not confirmed until a GET shows it (:meth:`PartnerCenterClient.confirm_subscription_status`)."""
+
+    subscription_id: str
+    requested_status: str
+    location: str | None
+
+
+@dataclass(frozen=True)
+class LicenseWarning:
+    code: str | None
+    message: str
+    service_plans: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LicenseUpdateResult:
+    """A successful ``licenseupdates`` answer; ``warnings`` are its ``licenseWarnings`` (keep them with the user)."""
+
+    warnings: tuple[LicenseWarning, ...] = ()
+
+    @classmethod
+    def parse(cls, data: Any) -> LicenseUpdateResult:
+        if not isinstance(data, Mapping):
+            return cls()
+        raw = get_ci(data, "licenseWarnings")
+        warnings = []
+        for item in raw if isinstance(raw, list) else []:
+            if isinstance(item, Mapping):
+                plans = get_ci(item, "servicePlans")
+                warnings.append(LicenseWarning(
+                    code=_opt_str(item, "code"), message=_opt_str(item, "message") or "",
+                    service_plans=tuple(str(p) for p in plans) if isinstance(plans, list) else ()))
+        return cls(tuple(warnings))
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ AUDIENCES = ("commercial", "faculty", "students", "government")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # productId:skuId:availabilityId, e.g. CFQ7TTC0LH18:0001:CFQ7TTC0K971
 _CATALOG_ITEM = re.compile(r"^[A-Za-z0-9]{1,40}:[A-Za-z0-9]{1,20}:[A-Za-z0-9]{1,40}$")
+# productId:skuId, e.g. CFQ7TTC0LH18:0001 — the availability is resolved at purchase time, because a catalog item id
+# "can change over time … should only be accessed and used at the time of purchase" (product-resources,
+# https://learn.microsoft.com/partner-center/developer/product-resources).
+_PRODUCT_SKU = re.compile(r"^[A-Za-z0-9]{1,40}:[A-Za-z0-9]{1,20}$")
 
 AuthMode = Literal["app-user", "none"]
 
@@ -71,19 +75,62 @@ def is_catalog_item_id(value: str) -> bool:
     return bool(_CATALOG_ITEM.match(value))
 
 
+def is_product_sku_id(value: str) -> bool:
+    return bool(_PRODUCT_SKU.match(value))
+
+
+@dataclass(frozen=True)
+class ReplacementTarget:
+    """One ``REPLACEMENT_OFFERS`` value, parsed: a legacy offer GUID (bought with ``POST /orders``), or a new-commerce
+    product SKU whose current availability is resolved at purchase time. A full catalog item id is still accepted;
+    its availability part is only a hint (``availability_id``) — resolve anyway, it may have rotated."""
+
+    raw: str
+    kind: Literal["legacy", "product_sku"]
+    offer_id: str | None = None  # legacy
+    product_id: str | None = None
+    sku_id: str | None = None
+    availability_id: str | None = None
+
+    @property
+    def product_key(self) -> str:
+        """``productId:skuId`` or the legacy offer GUID, lower-case (what subscriptions and orders are matched on)."""
+        return (self.offer_id or f"{self.product_id}:{self.sku_id}").lower()
+
+    @classmethod
+    def parse(cls, value: str) -> ReplacementTarget:
+        """:raises ValueError: the value is none of the three accepted forms."""
+        text = value.strip()
+        if is_guid(text):
+            return cls(text, "legacy", offer_id=text)
+        if is_catalog_item_id(text):
+            product, sku, availability = text.split(":")
+            return cls(text, "product_sku", product_id=product, sku_id=sku, availability_id=availability)
+        if is_product_sku_id(text):
+            product, sku = text.split(":")
+            return cls(text, "product_sku", product_id=product, sku_id=sku)
+        raise ValueError(f"{value!r} is neither a legacy offer GUID, productId:skuId nor a catalog item id")
+
+
 @dataclass(frozen=True)
 class ReplacementOffers:
-    """``REPLACEMENT_OFFERS``: family → audience → offer id (legacy GUID) or catalog item id (NCE)."""
+    """``REPLACEMENT_OFFERS``: family → audience → legacy offer GUID, ``productId:skuId`` (new commerce; the
+    availability is resolved at purchase time) or a full catalog item id ``productId:skuId:availabilityId``."""
 
     mapping: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def lookup(self, family: str, audience: str) -> str | None:
         return self.mapping.get(family, {}).get(audience)
 
+    def target(self, family: str, audience: str) -> ReplacementTarget | None:
+        """The parsed entry for ``family.audience`` (validated at start-up, so parsing cannot fail here)."""
+        raw = self.lookup(family, audience)
+        return ReplacementTarget.parse(raw) if raw is not None else None
+
     @staticmethod
     def parse(raw: str | None) -> ReplacementOffers:
         name = "REPLACEMENT_OFFERS"
-        example = '{"sales": {"commercial": "CFQ7TTC0XXXX:0001:CFQ7TTC0YYYY"}, "customer_engagement": {...}}'
+        example = '{"sales": {"commercial": "CFQ7TTC0XXXX:0001"}, "customer_engagement": {...}}'
         if raw is None or not raw.strip():
             return ReplacementOffers({})
         try:
@@ -104,11 +151,13 @@ class ReplacementOffers:
                 if audience not in AUDIENCES:
                     raise ConfigurationError(name, f"unknown audience {family}.{audience}",
                                              f"use one of {', '.join(AUDIENCES)}")
-                if not isinstance(offer, str) or not (is_guid(offer) or is_catalog_item_id(offer)):
+                if not isinstance(offer, str) or not (is_guid(offer.strip()) or is_catalog_item_id(offer.strip())
+                                                      or is_product_sku_id(offer.strip())):
                     raise ConfigurationError(
                         name, f"{family}.{audience} = {offer!r} is neither a legacy offer GUID nor a "
-                        "catalog item id", "use productId:skuId:availabilityId (new commerce) or an offer GUID")
-                mapping[family][audience] = offer
+                        "new-commerce product SKU", "use productId:skuId (new commerce, e.g. CFQ7TTC0XXXX:0001), "
+                        "a full productId:skuId:availabilityId, or a legacy offer GUID")
+                mapping[family][audience] = offer.strip()
         return ReplacementOffers(mapping)
 
 

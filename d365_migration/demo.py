@@ -148,7 +148,9 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
     started = time.monotonic()
     out.write(f"Seeded {customers} customers: {len(manifest.expected)} expiring qualified subscriptions, "
               f"{len(manifest.distractors)} that must be left alone.\n")
-    with AzuriteProcess() as azurite, SandboxServer(state, SandboxConfig(provisioning_delay_s=2.0)) as sandbox:
+    # The documented behaviours the steps already handle (sandbox DEMO_BEHAVIOURS) are on.
+    config = SandboxConfig.realistic(provisioning_delay_s=2.0)
+    with AzuriteProcess() as azurite, SandboxServer(state, config) as sandbox:
         env = {
             "PARTNER_CENTER_ENDPOINT": sandbox.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "false",
             "REPLACEMENT_OFFERS": json.dumps(DEMO_REPLACEMENT_OFFERS), "AzureWebJobsStorage": azurite.connection_string,

@@ -20,16 +20,18 @@ from ._catalog import (
     product_mapping,
     sku_for_offer,
 )
-from ._config import FaultConfig, SandboxConfig
+from ._config import DEMO_BEHAVIOURS, PENDING_BEHAVIOURS, FaultConfig, SandboxConfig
 from ._faults import is_app_only, make_token
-from ._seed import QO_DISTRACTOR_KINDS, Distractor, ExpectedMigration, SeedManifest, seed_world
+from ._seed import QO_DISTRACTOR_KINDS, Distractor, ExpectedMigration, PooledSku, SeedManifest, seed_world
 from ._server import SandboxServer
 from ._state import ApiError, SandboxState
 
 __all__ = [
     "ALL_SKUS",
+    "DEMO_BEHAVIOURS",
     "DEMO_REPLACEMENT_OFFERS",
     "LEGACY_REPLACEMENT_OFFERS",
+    "PENDING_BEHAVIOURS",
     "QO_DISTRACTOR_KINDS",
     "QO_SKUS",
     "REPLACEMENT_SKUS",
@@ -39,6 +41,7 @@ __all__ = [
     "Distractor",
     "ExpectedMigration",
     "FaultConfig",
+    "PooledSku",
     "ProductSku",
     "SandboxApp",
     "SandboxConfig",

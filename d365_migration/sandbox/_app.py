@@ -18,7 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ._catalog import product_mapping
 from ._config import SandboxConfig
-from ._faults import SlidingWindow, is_app_only
+from ._faults import SlidingWindow, is_app_only, jwt_payload
 from ._state import ApiError, SandboxState, link
 
 JSON_CT = "application/json; charset=utf-8"
@@ -69,7 +69,7 @@ def _page_size(q: dict[str, str]) -> int:
 
 def _paged(
     state: SandboxState, request: Request, kind: str, base_uri: str,
-    fetch: Callable[[int, int], tuple[list[dict[str, Any]], int | None]],
+    fetch: Callable[[int, int], tuple[list[dict[str, Any]], int | None]], *, ends_in_2000: bool = False,
 ) -> dict[str, Any]:
     q = _query(request)
     size = _page_size(q)
@@ -85,6 +85,13 @@ def _paged(
     elif token and seek is None:
         offset = state.read_token(kind, token)
     items, nxt = fetch(offset, size)
+    if ends_in_2000:
+        # The last page may still carry a continuation; following it answers 400 code 2000, which Microsoft's
+        # bulk migration tool reads as "fetched all the records" (get-a-list-of-customers; BAM CustomerProvider.cs).
+        if offset > 0 and not items:
+            raise ApiError(400, 2000, "No more records are available for this continuation token.")
+        if nxt is None and items:
+            nxt = offset + len(items)
     out = _collection(items, f"{base_uri}?size={size}")
     if nxt is not None:
         tok = state.make_token(kind, nxt)
@@ -113,7 +120,8 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
         return str(request.path_params[name])
 
     async def customers(request: Request) -> Response:
-        return _json(200, _paged(state, request, "customers", "/customers", state.list_customers))
+        return _json(200, _paged(state, request, "customers", "/customers", state.list_customers,
+                                 ends_in_2000=config.customer_paging_ends_in_2000))
 
     async def customer(request: Request) -> Response:
         return _json(200, state.customer_json(p(request, "cid")))
@@ -130,8 +138,21 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
 
     async def patch_subscription(request: Request) -> Response:
         body = await _body(request)
-        sub = state.patch_subscription(p(request, "cid"), p(request, "sid"), body, request.headers.get("if-match"))
+        cid, sid = p(request, "cid"), p(request, "sid")
+        defer = float(config.patch_apply_delay_s) if config.patch_accepted else 0.0
+        sub = state.patch_subscription(cid, sid, body, request.headers.get("if-match"), defer_s=defer)
+        if sub is None:
+            # update-a-subscription-by-id: "when the patch operation takes longer than the expected time, Partner
+            # Center sends … 202 … and a location header that points to where to retrieve the subscription".
+            return Response(b"", status_code=202,
+                            headers={"Location": f"/v1/customers/{cid}/subscriptions/{sid}"})
         return _json(200, sub)
+
+    async def availabilities(request: Request) -> Response:
+        q = _query(request)
+        pid, sku = p(request, "pid"), p(request, "skuid")
+        items = state.availabilities_json(pid, sku, q.get("country"), q.get("targetsegment"))
+        return _json(200, _collection(items, f"/products/{pid}/skus/{sku}/availabilities?country={q.get('country')}"))
 
     async def provisioning(request: Request) -> Response:
         return _json(200, state.provisioning_status(p(request, "cid"), p(request, "sid")))
@@ -176,7 +197,8 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
         cid = p(request, "cid")
         state.customer_json(cid)  # 404 for unknown customers
         return _json(200, _paged(state, request, f"users:{cid.lower()}", f"/customers/{cid}/users",
-                                 lambda o, s: state.list_users(cid, o, s)))
+                                 lambda o, s: state.list_users(cid, o, s),
+                                 ends_in_2000=config.users_paging_ends_in_2000))
 
     async def user(request: Request) -> Response:
         return _json(200, state.user_json(p(request, "cid"), p(request, "uid")))
@@ -212,6 +234,7 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
         Route(f"{base}/users/{{uid}}/licenses", _api(licenses), methods=["GET"]),
         Route(f"{base}/users/{{uid}}/licenseupdates", _api(license_updates), methods=["POST"]),
         Route(f"{base}/subscribedskus", _api(subscribed_skus), methods=["GET"]),
+        Route("/v1/products/{pid}/skus/{skuid}/availabilities", _api(availabilities), methods=["GET"]),
     ]
 
 
@@ -278,6 +301,7 @@ class SandboxApp:
         self.router = Router(routes=_partner_routes(state, config))
         self.admin = Router(routes=_admin_routes(self))
         self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
+        self.long_throttled = 0  # answers given with config.long_retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -365,6 +389,36 @@ class SandboxApp:
                         await respond(403, err(403, 900329,
                                                "This resource does not support application-only authentication."))
                     return
+            if cfg.require_auth and cfg.require_mfa_claim:
+                payload = jwt_payload(headers.get("authorization", "")[7:].strip()) or {}
+                if not is_app_only(headers.get("authorization", "")[7:].strip()) and "mfa" not in (
+                        payload.get("amr") or []):
+                    await respond(401, err(401, 900421, "MFA required: the App+User token has no MFA claim."),
+                                  [(b"www-authenticate", b'Bearer error="invalid_token"')])
+                    return
+            # --- per-customer access problems (GDAP roles, MFA, Conditional Access)
+            customer = segments[2] if len(segments) >= 3 and segments[1] == "customers" else ""
+            if customer and app_user_only and customer in {x.lower() for x in cfg.gdap_missing_roles_customers}:
+                # error-codes: 403 900308; the operation pages list the GDAP roles each call needs.
+                await respond(403, err(403, 900308, "Insufficient privileges to complete the operation."))
+                return
+            if customer and segments[-1] == "licenseupdates":
+                if customer in {x.lower() for x in cfg.mfa_missing_customers}:
+                    await respond(401, err(401, 900421, "MFA required: the App+User token has no MFA claim."),
+                                  [(b"www-authenticate", b'Bearer error="invalid_token"')])
+                    return
+                if customer in {x.lower() for x in cfg.conditional_access_customers}:
+                    await respond(403, err(403, 900309, "Access has been blocked by Conditional Access policies. "
+                                                        "The access policy does not allow token issuance."))
+                    return
+            if (cfg.long_retry_after_s and cfg.long_retry_after_path and cfg.long_retry_after_path.lower()
+                    in path.lower() and self.long_throttled < cfg.long_retry_after_times):
+                self.long_throttled += 1
+                wait = int(cfg.long_retry_after_s)
+                payload_429 = {"statusCode": 429, "message": f"Rate limit is exceeded. Try again in {wait} seconds."}
+                log["fault"] = "long-retry-after"
+                await respond(429, json.dumps(payload_429).encode(), [(b"retry-after", str(wait).encode())])
+                return
             # --- throttling
             window, limit = (
                 (self.license, cfg.license_requests_per_minute) if is_license_route

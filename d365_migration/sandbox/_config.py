@@ -35,6 +35,10 @@ class FaultConfig:
 
 @dataclass
 class SandboxConfig:
+    """How the sandbox behaves. Every documented Partner Center behaviour below can be switched; see
+    :data:`DEMO_BEHAVIOURS` (on in ``make demo``, the current steps handle them) and :data:`PENDING_BEHAVIOURS`
+    (documented, realistic, but off by default until the steps handle them)."""
+
     latency_ms: float = 0.0
     require_auth: bool = False
     requests_per_minute: int | None = None  # customers/subscriptions/orders/carts (one shared budget)
@@ -43,7 +47,57 @@ class SandboxConfig:
     list_lag_s: float = 0.0
     dedupe_request_ids: bool = False
     checkout_duration_s: float = 0.0  # how long a checkout is "being processed" (409 800064 window)
+    # --- documented behaviours (Microsoft Learn pages cited where each is implemented)
+    # The last page still carries a continuation; following it answers 400 code 2000 (end of data).
+    customer_paging_ends_in_2000: bool = False
+    users_paging_ends_in_2000: bool = False
+    # New commerce: order line items and subscriptions carry the product name as friendlyName, not the cart's.
+    nce_product_friendly_names: bool = False
+    # PATCH subscription answers 202 Accepted + Location, no body; the change shows after patch_apply_delay_s, and
+    # another PATCH meanwhile answers 409 800082.
+    patch_accepted: bool = False
+    patch_apply_delay_s: float = 2.0
+    # Every new-commerce product SKU's current availability differs from the one in DEMO_REPLACEMENT_OFFERS; a stale
+    # availability answers 400 800009 ("cart_error") or a cart line-item error ("line_item_error"); a cart whose
+    # availability rotated before checkout answers 404 400019.
+    availabilities_rotated: bool = False
+    stale_availability_mode: str = "cart_error"
+    # A new subscription's provisioning status answers 404 800007 for the first half of this lag, then "pending".
+    provisioning_status_lag_s: float = 0.0
+    # A new subscription's units show in subscribedskus (and can be assigned) only this long after provisioning.
+    subscribed_skus_lag_s: float = 0.0
+    # GDAP relationship without directory roles: users, licenses, subscribedskus, licenseupdates and provisioning
+    # status answer 403 900308 for these customer ids.
+    gdap_missing_roles_customers: list[str] = field(default_factory=list)
+    # License updates for these customers answer 401 900421 (no MFA claim) / 403 900309 (Conditional Access).
+    mfa_missing_customers: list[str] = field(default_factory=list)
+    conditional_access_customers: list[str] = field(default_factory=list)
+    # With require_auth: an App+User token without "mfa" in its amr claim answers 401 900421 everywhere.
+    require_mfa_claim: bool = False
+    # Successful license updates carry a licenseWarnings entry.
+    license_warnings: bool = False
+    # Answer 429 with this Retry-After (seconds) to the first `long_retry_after_times` requests whose path contains
+    # `long_retry_after_path` (lower-case); 0 = off.
+    long_retry_after_s: int = 0
+    long_retry_after_path: str = ""
+    long_retry_after_times: int = 1
     faults: FaultConfig = field(default_factory=FaultConfig)
+
+    @classmethod
+    def realistic(cls, *, include_pending: bool = False, **overrides: Any) -> SandboxConfig:
+        """Documented behaviours on: :data:`DEMO_BEHAVIOURS`, plus :data:`PENDING_BEHAVIOURS` when
+        ``include_pending`` (what an independent Partner Center written from the docs may do)."""
+        config = cls()
+        for name, value in DEMO_BEHAVIOURS.items():
+            setattr(config, name, value)
+        if include_pending:
+            for name, value in PENDING_BEHAVIOURS.items():
+                setattr(config, name, value)
+        for name, value in overrides.items():
+            if not hasattr(config, name):
+                raise TypeError(f"unknown SandboxConfig field {name!r}")
+            setattr(config, name, value)
+        return config
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "faults"}
@@ -68,3 +122,22 @@ class SandboxConfig:
                 setattr(self, key, value)
             else:
                 raise ValueError(f"unknown config field {key!r}")
+
+
+#: Documented behaviours the current steps already survive: ``make demo`` runs with them on.
+DEMO_BEHAVIOURS: dict[str, Any] = {
+    "customer_paging_ends_in_2000": True,
+    "users_paging_ends_in_2000": True,
+    "license_warnings": True,
+    "patch_accepted": True,
+    "patch_apply_delay_s": 1.0,
+}
+
+#: Documented, realistic behaviours the current steps do not handle yet (tag-based recovery, 202/409 on suspend,
+#: availability resolution at purchase, waits in polls): off by default until the steps are rewired.
+PENDING_BEHAVIOURS: dict[str, Any] = {
+    "nce_product_friendly_names": True,
+    "availabilities_rotated": True,
+    "provisioning_status_lag_s": 20.0,
+    "subscribed_skus_lag_s": 10.0,
+}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from ._catalog import (
     POWER_BI_PRO_LEGACY,
     RETIRED_OFFERS,
     CatalogItem,
+    ProductSku,
 )
 from ._state import SandboxState, User
 
@@ -58,6 +59,20 @@ class ExpectedMigration:
     old_sku_id: str
     replacement_catalog_item_id: str
     user_ids: tuple[str, ...]  # users holding the old SKU
+    reseller_partner_id: str = ""  # the old subscription's partnerId (indirect reseller); the purchase must carry it
+    end_date_source: str = "commitmentEndDate"  # or "provisioningStatus" (commitmentEndDate shows year 9999)
+
+
+@dataclass(frozen=True)
+class PooledSku:
+    """The old subscription's product SKU is also granted by another subscription of the customer (subscribedskus
+    pools them): only ``quantity`` of the holders belong to the retiring subscription."""
+
+    customer_id: str
+    subscription_id: str  # the expected migration
+    other_subscription_id: str  # the other subscription granting the same SKU
+    sku_id: str
+    holders: tuple[str, ...]  # every user holding the SKU (both subscriptions)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,8 @@ class SeedManifest:
     expected: list[ExpectedMigration] = field(default_factory=list)
     distractors: list[Distractor] = field(default_factory=list)
     users_without_usage_location: list[tuple[str, str]] = field(default_factory=list)  # (customer_id, user_id)
+    pooled: list[PooledSku] = field(default_factory=list)
+    unrecognised: list[Distractor] = field(default_factory=list)  # qualified-offer-looking names not in the catalog
 
     def expected_subscription_ids(self) -> set[str]:
         return {e.subscription_id.lower() for e in self.expected}
@@ -91,6 +108,8 @@ class SeedManifest:
             "expected": [{**asdict(e), "user_ids": list(e.user_ids)} for e in self.expected],
             "distractors": [asdict(d) for d in self.distractors],
             "usersWithoutUsageLocation": [list(x) for x in self.users_without_usage_location],
+            "pooled": [{**asdict(x), "holders": list(x.holders)} for x in self.pooled],
+            "unrecognised": [asdict(d) for d in self.unrecognised],
         }
 
 
@@ -117,8 +136,23 @@ def seed_world(
     seed: int = 1,
     today: date | None = None,
     users_per_customer: tuple[int, int] = (2, 8),
+    indirect_resellers: bool = False,
+    pooled_skus: bool = False,
+    unrecognised_offers: bool = False,
+    hidden_end_dates: bool = False,
 ) -> SeedManifest:
-    """Fill `state` with a generated world and return what a correct migration run must (not) touch."""
+    """Fill `state` with a generated world and return what a correct migration run must (not) touch.
+
+    The keyword switches add documented situations (drawn from their own random stream, so the rest of the world is
+    the same with or without them):
+
+    * ``indirect_resellers``: some expected subscriptions name an indirect reseller (``partnerId``);
+    * ``pooled_skus``: one expected subscription's product SKU is also granted by another subscription of the
+      customer, with more holders than the retiring subscription's quantity;
+    * ``unrecognised_offers``: a "(Qualified Offer)" subscription whose offer the catalog does not list;
+    * ``hidden_end_dates``: one expected subscription shows ``commitmentEndDate`` 9999-12-31 (the documented
+      placeholder) while its provisioning status ``endDate`` carries the real, near end.
+    """
     rng = random.Random(seed)
     today = today or datetime.now(UTC).date()
     day0 = datetime.combine(today, time(0, 0), tzinfo=UTC)
@@ -246,7 +280,75 @@ def seed_world(
                                    auto_renew=auto, commitment_end=end)
             manifest.distractors.append(Distractor(cid, sid, reason, prod.name))
 
+    extra = random.Random(seed * 7919 + 17)
+    if indirect_resellers:
+        _seed_resellers(state, manifest, extra)
+    if hidden_end_dates:
+        _seed_hidden_end_date(state, manifest)
+    if pooled_skus:
+        _seed_pooled(state, manifest, extra, end_in)
+    if unrecognised_offers:
+        _seed_unrecognised(state, manifest, extra, end_in)
     state._seed_params = {"customers": customers, "seed": seed, "today": today,
-                          "users_per_customer": users_per_customer}
+                          "users_per_customer": users_per_customer, "indirect_resellers": indirect_resellers,
+                          "pooled_skus": pooled_skus, "unrecognised_offers": unrecognised_offers,
+                          "hidden_end_dates": hidden_end_dates}
     state.manifest = manifest
     return manifest
+
+
+def _seed_resellers(state: SandboxState, manifest: SeedManifest, rng: random.Random) -> None:
+    for i, em in enumerate(manifest.expected):
+        if i == 0 or rng.random() < 0.3:
+            partner_id = str(rng.randint(1_000_000, 9_999_999))
+            with state.lock:
+                state._customer(em.customer_id).subscriptions[em.subscription_id.lower()].partner_id = partner_id
+            manifest.expected[i] = replace(em, reseller_partner_id=partner_id)
+
+
+def _seed_hidden_end_date(state: SandboxState, manifest: SeedManifest) -> None:
+    if not manifest.expected:
+        return
+    em = manifest.expected[-1]
+    with state.lock:
+        sub = state._customer(em.customer_id).subscriptions[em.subscription_id.lower()]
+        sub.provisioning_end = sub.commitment_end
+        sub.commitment_end = "9999-12-31T00:00:00Z"
+    manifest.expected[-1] = replace(em, end_date_source="provisioningStatus")
+
+
+def _seed_pooled(state: SandboxState, manifest: SeedManifest, rng: random.Random, end_in: Any) -> None:
+    if not manifest.expected:
+        return
+    em = manifest.expected[0]
+    sku = em.old_sku_id.lower()
+    other_offer = next(o for o in RETIRED_OFFERS if o.sku.id.lower() == sku and o.id.lower() != em.offer_id.lower())
+    with state.lock:
+        c = state._customer(em.customer_id)
+        extra_holders = [u for u in c.users.values() if sku not in u.skus]
+        if not extra_holders:
+            u = state.add_user(c.id, _guid(rng), f"pooled.user@{c.domain}", "Pooled", "User", "US")
+            extra_holders = [u]
+        for u in extra_holders:
+            u.skus.append(sku)
+        sid = _guid(rng)
+        state.add_subscription(c.id, offer=other_offer, subscription_id=sid, quantity=len(extra_holders),
+                               auto_renew=False, commitment_end=end_in(300), offer_name=other_offer.name)
+        holders = tuple(u.id for u in c.users.values() if sku in u.skus)
+    manifest.pooled.append(PooledSku(em.customer_id, em.subscription_id, sid, sku, holders))
+    manifest.distractors.append(Distractor(em.customer_id, sid, "pooled_sku_other_subscription", other_offer.name))
+
+
+def _seed_unrecognised(state: SandboxState, manifest: SeedManifest, rng: random.Random, end_in: Any) -> None:
+    customer_id = manifest.customers[0]
+    sku = ProductSku(str(uuid.UUID(int=rng.getrandbits(128), version=4)), "D365_MKTG_QO",
+                     "Dynamics 365 for Marketing (Qualified Offer)")
+    item = CatalogItem(id=str(uuid.UUID(int=rng.getrandbits(128), version=4)).upper(),
+                       name="Dynamics 365 for Marketing Enterprise Edition (Qualified Offer)", kind="legacy", sku=sku,
+                       purchasable=False, retired=True)
+    sid = _guid(rng)
+    state.add_subscription(customer_id, offer=item, subscription_id=sid, quantity=3, auto_renew=False,
+                           commitment_end=end_in(20))
+    d = Distractor(customer_id, sid, "unrecognised_qualified_offer", item.name)
+    manifest.unrecognised.append(d)
+    manifest.distractors.append(d)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ._catalog import ALL_SKUS, CatalogItem, ProductSku, catalog_item
+from ._catalog import ALL_SKUS, CATALOG, CatalogItem, ProductSku, catalog_item
 from ._config import SandboxConfig
 
 KNOWN_PATCH_STATUSES = {"active", "suspended", "deleted"}
@@ -113,6 +113,8 @@ class Subscription:
     etag_version: int = 1
     provisioned_at: float = 0.0
     listed_at: float = 0.0
+    partner_id: str = ""  # indirect reseller of record
+    provisioning_end: str | None = None  # provisioning status endDate when it differs from commitmentEndDate
 
     def etag(self) -> str:
         raw = json.dumps({"id": self.id, "version": self.etag_version}, separators=(",", ":"))
@@ -138,7 +140,7 @@ class Subscription:
             "billingType": "license",
             "billingCycle": self.billing_cycle,
             "isMicrosoftProduct": True,
-            "partnerId": "",
+            "partnerId": self.partner_id,
             "contractType": "subscription",
             "actions": ["Cancel", "Edit"] if self.status == "active" else [],
             "attentionNeeded": False,
@@ -191,7 +193,7 @@ class Order:
                 "offerId": li["offerId"],
                 "quantity": li["quantity"],
                 "friendlyName": li["friendlyName"],
-                "partnerIdOnRecord": "",
+                "partnerIdOnRecord": li.get("partnerIdOnRecord") or "",
             }
             if li.get("termDuration"):
                 item["termDuration"] = li["termDuration"]
@@ -254,6 +256,7 @@ class Customer:
     id: str
     domain: str
     company_name: str
+    country: str = "US"
     users: dict[str, User] = field(default_factory=dict)  # key: lower-case id
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     orders: dict[str, Order] = field(default_factory=dict)
@@ -269,6 +272,10 @@ class Customer:
                 "companyName": self.company_name,
                 "links": {"self": link(f"/customers/{self.id}/profiles/company")},
                 "attributes": {"objectType": "CustomerCompanyProfile"},
+            },
+            "billingProfile": {
+                "defaultAddress": {"country": self.country},
+                "attributes": {"objectType": "CustomerBillingProfile"},
             },
             "relationshipToPartner": "reseller",
             "allowDelegatedAccess": True,
@@ -304,11 +311,14 @@ class SandboxState:
         self._patches: list[dict[str, Any]] = []
         self._dedupe: dict[str, tuple[int, bytes, list[tuple[bytes, bytes]]]] = {}
         self._seen_writes: set[str] = set()
+        # (customer, subscription) -> accepted (202) PATCH not applied yet: {"apply_at", "target", "rec"}
+        self._pending_patches: dict[tuple[str, str], dict[str, Any]] = {}
+        self._rotations: dict[tuple[str, str], int] = {}  # (product, sku) -> extra availability rotations
 
     # ------------------------------------------------------------------ building (seed / by hand)
-    def add_customer(self, customer_id: str, domain: str, company_name: str) -> Customer:
+    def add_customer(self, customer_id: str, domain: str, company_name: str, country: str = "US") -> Customer:
         with self.lock:
-            c = Customer(customer_id, domain, company_name)
+            c = Customer(customer_id, domain, company_name, country)
             self._customers[customer_id.lower()] = c
             self._customer_ids.append(customer_id.lower())
             return c
@@ -381,6 +391,7 @@ class SandboxState:
     def tick(self) -> None:
         """Complete pending orders whose provisioning delay has passed (creates their subscriptions)."""
         with self.lock:
+            self._apply_due_patches()
             if not self._pending:
                 return
             now = self.clock()
@@ -392,10 +403,69 @@ class SandboxState:
                     still.append(order)
             self._pending = still
 
+    # ------------------------------------------------------------------ catalog: availabilities (rotating)
+    def availability_id(self, product_id: str, sku_id: str, base: str) -> str:
+        """The current availability id of a new-commerce product SKU. product-resources: a catalog item id "can
+        change over time"; with ``availabilities_rotated`` (or after :meth:`rotate_availability`) it differs from
+        the one the catalog (and DEMO_REPLACEMENT_OFFERS) started with."""
+        gen = self._rotations.get((product_id.lower(), sku_id.lower()), 0)
+        gen += 1 if self.config.availabilities_rotated else 0
+        return base if gen == 0 else base[:-4] + f"R{gen:03d}"
+
+    def rotate_availability(self, product_id: str, sku_id: str) -> None:
+        """By hand: the product SKU gets a new availability id (the old one goes stale)."""
+        with self.lock:
+            key = (product_id.lower(), sku_id.lower())
+            self._rotations[key] = self._rotations.get(key, 0) + 1
+            self._event("availability_rotated", product_id=product_id, sku_id=sku_id)
+
+    def resolve_item(self, offer_id: str) -> tuple[CatalogItem | None, bool]:
+        """(catalog entry, is_current) for a legacy offer GUID or a catalog item id of any availability."""
+        item = catalog_item(offer_id)
+        parts = offer_id.strip().split(":")
+        if item is None and len(parts) == 3:
+            prefix = f"{parts[0]}:{parts[1]}:".lower()
+            item = next((i for i in CATALOG.values() if i.is_nce and i.id.lower().startswith(prefix)), None)
+        if item is None or not item.is_nce or len(parts) != 3:
+            return item, item is not None
+        product, sku, base = item.id.split(":")
+        return item, parts[2].lower() == self.availability_id(product, sku, base).lower()
+
+    def availabilities_json(self, product_id: str, sku_id: str, country: str | None,
+                            segment: str | None) -> list[dict[str, Any]]:
+        """get-a-list-of-availabilities-for-a-sku: a collection of Availability with ``terms``."""
+        if not country:
+            raise ApiError(400, 800002, "Invalid request input: country is required.")
+        with self.lock:
+            prefix = f"{product_id}:{sku_id}:".lower()
+            out = []
+            for item in CATALOG.values():
+                if not item.is_nce or not item.id.lower().startswith(prefix):
+                    continue
+                product, sku, base = item.id.split(":")
+                seg = {"faculty": "education", "students": "education", "government": "government"}.get(
+                    item.audience or "", "commercial")
+                if segment and segment.lower() != seg:
+                    continue
+                avail = self.availability_id(product, sku, base)
+                term = item.term_duration or "P1Y"
+                cycles = ["Monthly", "Annual"] if term != "P1M" else ["Monthly"]
+                out.append({
+                    "id": avail, "productId": product, "skuId": sku, "catalogItemId": f"{product}:{sku}:{avail}",
+                    "defaultCurrency": {"code": "USD", "symbol": "$"}, "segment": seg, "country": country.upper(),
+                    "isPurchasable": item.purchasable, "isRenewable": True,
+                    "terms": [{"duration": term, "description": f"{term} commitment billed {c.lower()}",
+                               "billingCycle": c} for c in cycles],
+                    "links": {"self": link(f"/products/{product}/skus/{sku}/availabilities/{avail}"
+                                           f"?country={country.upper()}")},
+                    "attributes": {"objectType": "Availability"},
+                })
+            return out
+
     def _provision(self, order: Order) -> None:
         c = self._customers[order.customer_id.lower()]
         for li in order.line_items:
-            item = catalog_item(li["offerId"])
+            item, _ = self.resolve_item(li["offerId"])
             assert item is not None
             end = datetime.fromtimestamp(order.ready_at, tz=UTC) + timedelta(days=365)
             sub = self.add_subscription(
@@ -404,6 +474,7 @@ class SandboxState:
                 order_id=order.id, creation=order.ready_at, billing_cycle=order.billing_cycle,
                 offer_id=li["offerId"],
             )
+            sub.partner_id = str(li.get("partnerIdOnRecord") or "")
             if li.get("termDuration"):
                 sub.term_duration = li["termDuration"]
             sub.provisioned_at = order.ready_at
@@ -472,21 +543,50 @@ class SandboxState:
         with self.lock:
             c = self._customer(customer_id)
             s = self._sub(c, subscription_id)
+            # get-subscription-provisioning-status: "updated every 15 minutes"; a new subscription answers
+            # 404 800007 ("unable to retrieve provisioning information") first, then "pending".
+            age = self.clock() - s.provisioned_at
+            lag = float(self.config.provisioning_status_lag_s)
+            if lag and age < lag / 2:
+                raise ApiError(404, 800007, f"Unable to retrieve provisioning information for subscription {s.id}.")
+            pending = self.clock() < s.listed_at or (lag and age < lag)
             return {
                 "skuId": ALL_SKUS[s.sku_id].id if s.sku_id in ALL_SKUS else s.sku_id,
-                "status": "pending" if self.clock() < s.listed_at else "success",
+                "status": "pending" if pending else "success",
                 "quantity": s.quantity,
-                "endDate": s.commitment_end,
+                "endDate": s.provisioning_end or s.commitment_end,
                 "attributes": {"objectType": "SubscriptionProvisioningStatus"},
             }
 
+    def _apply_due_patches(self) -> None:
+        now = self.clock()
+        for key, pending in list(self._pending_patches.items()):
+            if pending["apply_at"] > now:
+                continue
+            del self._pending_patches[key]
+            c = self._customers.get(key[0])
+            s = c.subscriptions.get(key[1]) if c is not None else None
+            if c is None or s is None:
+                continue
+            s.status, s.quantity, s.friendly_name, s.auto_renew = pending["target"]
+            s.etag_version += 1
+            rec = {**pending["rec"], "time": pending["apply_at"], "accepted_at": pending["accepted_at"]}
+            self._patches.append(rec)
+            self._event("subscription_patched", **{k: v for k, v in rec.items() if k != "time"})
+
     def patch_subscription(
-        self, customer_id: str, subscription_id: str, body: Any, if_match: str | None
-    ) -> dict[str, Any]:
+        self, customer_id: str, subscription_id: str, body: Any, if_match: str | None, *, defer_s: float = 0.0
+    ) -> dict[str, Any] | None:
+        """Apply a PATCH and return the subscription; with ``defer_s`` > 0, accept it (the route answers 202) and
+        apply it that much later (update-a-subscription-by-id), returning None."""
         self.tick()
         with self.lock:
             c = self._customer(customer_id)
             s = self._sub(c, subscription_id)
+            if (c.id.lower(), s.id.lower()) in self._pending_patches:
+                raise ApiError(409, 800082, f"Subscription {s.id} is not ready to be updated. Try again after "
+                                            "sometime.")
+            saved = (s.status, s.quantity, s.friendly_name, s.auto_renew)
             if not isinstance(body, dict):
                 raise ApiError(400, 800002, "Invalid request input: the body must be a Subscription object.")
             if if_match is not None and if_match.strip():
@@ -536,18 +636,31 @@ class SandboxState:
                     s.friendly_name = str(changes["friendlyName"][1])
                 s.auto_renew = auto
                 s.status = new_status
-            s.etag_version += 1
             rec = {
                 "customer_id": c.id, "subscription_id": s.id, "time": self.clock(), "changes": changes,
                 "before_status": before["status"], "after_status": s.status,
             }
+            if defer_s > 0:
+                target = (s.status, s.quantity, s.friendly_name, s.auto_renew)
+                s.status, s.quantity, s.friendly_name, s.auto_renew = saved
+                self._pending_patches[(c.id.lower(), s.id.lower())] = {
+                    "apply_at": self.clock() + defer_s, "accepted_at": self.clock(), "target": target, "rec": rec}
+                self._event("subscription_patch_accepted", customer_id=c.id, subscription_id=s.id,
+                            after_status=target[0])
+                return None
+            s.etag_version += 1
             self._patches.append(rec)
             self._event("subscription_patched", **{k: v for k, v in rec.items() if k != "time"})
             return s.to_json(c.id)
 
     # ------------------------------------------------------------------ orders
-    def _line_item_offer(self, offer_id: Any, *, cart: bool) -> CatalogItem:
-        item = catalog_item(str(offer_id)) if isinstance(offer_id, str) else None
+    def _line_item_offer(self, offer_id: Any, *, cart: bool, stale_ok: bool = False) -> CatalogItem:
+        item, current = self.resolve_item(str(offer_id)) if isinstance(offer_id, str) else (None, False)
+        if item is not None and not current and not stale_ok:
+            # product-resources: the availability id "can change over time"; the old one is no longer valid.
+            raise ApiError(400, 800009, f"Error in Cart item(s): catalog item {offer_id} is not valid.",
+                           [{"errorCode": "CatalogItemIdIsNotValid",
+                             "errorDescription": "The availability is no longer valid; read the current one"}])
         if item is None:
             if cart:
                 raise ApiError(400, 800009, f"Error in Cart item(s): catalog item {offer_id} is not valid.",
@@ -570,13 +683,20 @@ class SandboxState:
         oid = secrets.token_hex(6) if is_nce else _new_guid()
         order = Order(oid, c.id, billing_cycle, [], now, now + float(self.config.provisioning_delay_s), is_nce, cart_id)
         for li in items:
+            item, _ = self.resolve_item(li["offerId"])
+            listed_name = li["friendlyName"]
+            if is_nce and self.config.nce_product_friendly_names and item is not None:
+                # checkout-a-cart / get-a-subscription-by-id examples: new commerce shows the product name.
+                listed_name = item.name
             purchase = {
                 "customer_id": c.id, "order_id": oid, "offer_id": li["offerId"], "quantity": li["quantity"],
-                "friendly_name": li["friendlyName"], "subscription_ids": [], "time": now, "via": via,
-                "cart_id": cart_id, "provisioned_at": None,
+                "friendly_name": li["friendlyName"], "listed_friendly_name": listed_name, "subscription_ids": [],
+                "time": now, "via": via, "cart_id": cart_id, "provisioned_at": None,
+                "reseller_partner_id": li.get("partnerIdOnRecord") or None,
             }
             self._purchases.append(purchase)
-            order.line_items.append({**li, "_subscriptionId": _new_guid(), "_purchase": purchase})
+            order.line_items.append({**li, "friendlyName": listed_name, "_subscriptionId": _new_guid(),
+                                     "_purchase": purchase})
         c.orders[oid.lower()] = order
         self._event("order_created", customer_id=c.id, order_id=oid, via=via, cart_id=cart_id,
                     line_items=[{"offerId": li["offerId"], "quantity": li["quantity"]} for li in items])
@@ -605,9 +725,10 @@ class SandboxState:
                     "quantity": self._check_quantity(ci_get(li, "quantity")),
                     "friendlyName": str(ci_get(li, "friendlyName") or ""),
                     "termDuration": ci_get(li, "termDuration") or item.term_duration,
+                    "partnerIdOnRecord": str(ci_get(li, "partnerIdOnRecord") or ""),
                 })
             billing = str(ci_get(body, "billingCycle") or "monthly").lower()
-            is_nce = all(catalog_item(i["offerId"]).is_nce for i in items)  # type: ignore[union-attr]
+            is_nce = all(self.resolve_item(i["offerId"])[0].is_nce for i in items)  # type: ignore[union-attr]
             order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=None, via="order")
             return order.to_json()
 
@@ -651,9 +772,15 @@ class SandboxState:
         if not isinstance(raw_items, list) or not raw_items:
             raise ApiError(400, 800002, "Invalid request input: lineItems is required.")
         items = []
+        line_item_errors = self.config.stale_availability_mode == "line_item_error"
         for n, li in enumerate(raw_items):
             cid = ci_get(li, "catalogItemId")
-            item = self._line_item_offer(cid, cart=True)
+            item = self._line_item_offer(cid, cart=True, stale_ok=line_item_errors)
+            error = None
+            if line_item_errors and not self.resolve_item(str(cid))[1]:
+                error = {"errorCode": "CatalogItemIdIsNotValid",
+                         "errorDescription": f"Catalog item {cid} is not valid: the availability has changed.",
+                         "additionalInformation": {}}
             items.append({
                 "id": ci_get(li, "id", n),
                 "catalogItemId": str(cid),
@@ -666,6 +793,7 @@ class SandboxState:
                 "provisioningContext": ci_get(li, "provisioningContext") or {},
                 "orderGroup": "0",
                 "addonItems": [],
+                **({"error": error} if error else {}),
             })
         return items
 
@@ -717,15 +845,22 @@ class SandboxState:
         with self.lock:
             c = self._customer(customer_id)
             try:
+                for li in cart.line_items:
+                    if li.get("error"):
+                        raise ApiError(400, 800009, f"Error in Cart item(s): {li['error']['errorDescription']}",
+                                       [li["error"]])
+                    if not self.resolve_item(li["catalogItemId"])[1]:
+                        raise ApiError(404, 400019, f"Availability not found for {li['catalogItemId']}.")
                 items = [
                     {
                         "lineItemNumber": n, "offerId": li["catalogItemId"], "quantity": li["quantity"],
                         "friendlyName": li["friendlyName"], "termDuration": li.get("termDuration"),
+                        "partnerIdOnRecord": _reseller(li.get("participants")),
                     }
                     for n, li in enumerate(cart.line_items)
                 ]
                 billing = str(cart.line_items[0].get("billingCycle") or "monthly")
-                is_nce = all(catalog_item(i["offerId"]).is_nce for i in items)  # type: ignore[union-attr]
+                is_nce = all(self.resolve_item(i["offerId"])[0].is_nce for i in items)  # type: ignore[union-attr]
                 order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=cart.id, via="cart")
                 result = {
                     "orders": [order.to_json()],
@@ -779,9 +914,11 @@ class SandboxState:
 
     def _sku_units(self, c: Customer) -> dict[str, dict[str, int]]:
         now = self.clock()
+        lag = float(self.config.subscribed_skus_lag_s)
         units: dict[str, dict[str, int]] = {}
         for s in c.subscriptions.values():
-            if s.provisioned_at > now:
+            # The directory learns of a new subscription's units some time after it is provisioned.
+            if s.provisioned_at > now or (lag and s.provisioned_at + lag > now):
                 continue
             u = units.setdefault(s.sku_id, {"active": 0, "suspended": 0, "warning": 0, "consumed": 0})
             if s.status == "active":
@@ -859,11 +996,21 @@ class SandboxState:
                     )
             removed = [s for s in u.skus if s in remove]
             u.skus = new_skus
+            warnings: list[dict[str, Any]] = []
+            if self.config.license_warnings and added:
+                # license-resources: LicenseUpdate.licenseWarnings [{code, message, servicePlans}] on success.
+                sku = ALL_SKUS.get(added[0])
+                plans = [p[1] for p in sku.service_plans[:1]] if sku else []
+                warnings.append({"code": "DependentServicePlanDisabled",
+                                 "message": "A service plan of the assigned license depends on a plan that is "
+                                            "disabled for this user.", "servicePlans": plans})
             rec = {"customer_id": c.id, "user_id": u.id, "assigned": added, "removed": removed,
-                   "requested_assign": assign, "requested_remove": remove, "time": self.clock()}
+                   "requested_assign": assign, "requested_remove": remove, "time": self.clock(),
+                   "warnings": warnings}
             self._license_updates.append(rec)
             self._event("license_update", **{k: v for k, v in rec.items() if k != "time"})
-            return {"licensesToAssign": echo, "licenseWarnings": [], "attributes": {"objectType": "LicenseUpdate"}}
+            return {"licensesToAssign": echo, "licenseWarnings": warnings,
+                    "attributes": {"objectType": "LicenseUpdate"}}
 
     # ------------------------------------------------------------------ test-facing reads
     def subscriptions(self, customer_id: str) -> list[dict[str, Any]]:
@@ -1022,3 +1169,11 @@ class SandboxState:
                 from ._seed import seed_world
 
                 seed_world(self, **params)
+
+
+def _reseller(participants: Any) -> str:
+    """cart-resources: line item ``participants`` ``[{"key": "transaction_reseller", "value": <partner id>}]``."""
+    for p in participants if isinstance(participants, list) else []:
+        if str(ci_get(p, "key") or "").lower() == "transaction_reseller":
+            return str(ci_get(p, "value") or "")
+    return ""
