@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "PartnerCenterClient": "_client",
     "deterministic_request_id": "_client",
     "AuthenticationError": "_exceptions",
+    "CancelRefused": "_exceptions",
+    "RolloutRefused": "_exceptions",
     "ClientError": "_exceptions",
     "ConcurrencyConflict": "_exceptions",
     "ConfigurationError": "_exceptions",
@@ -48,6 +50,9 @@ _EXPORTS: dict[str, str] = {
     "MigrationService": "_pipeline",
     "StepResult": "_pipeline",
     "QueueSender": "_queues",
+    "RolloutControls": "_rollout",
+    "RolloutStore": "_rollout",
+    "load_effective_controls": "_rollout",
     "APP_SETTINGS": "_settings",
     "ReplacementOffers": "_settings",
     "Settings": "_settings",
@@ -109,6 +114,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         AuthenticationError as AuthenticationError,
     )
     from ._exceptions import (
+        CancelRefused as CancelRefused,
+    )
+    from ._exceptions import (
         ClientError as ClientError,
     )
     from ._exceptions import (
@@ -143,6 +151,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._exceptions import (
         PreconditionFailedError as PreconditionFailedError,
+    )
+    from ._exceptions import (
+        RolloutRefused as RolloutRefused,
     )
     from ._exceptions import (
         ServerError as ServerError,
@@ -185,6 +196,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._queues import (
         QueueSender as QueueSender,
+    )
+    from ._rollout import (
+        RolloutControls as RolloutControls,
+    )
+    from ._rollout import (
+        RolloutStore as RolloutStore,
+    )
+    from ._rollout import (
+        load_effective_controls as load_effective_controls,
     )
     from ._settings import (
         APP_SETTINGS as APP_SETTINGS,

@@ -8,6 +8,8 @@ The hierarchy::
     ├── LedgerError                     the ledger could not be read or written
     │   └── ConcurrencyConflict         another worker changed the record first (ETag mismatch)
     ├── AuthenticationError             no access token could be had; says exactly what to run to fix it
+    ├── RolloutRefused                  a rollout-controls change that is not allowed (says why and what to do)
+    ├── CancelRefused                   ``cancel`` will not cancel this subscription (not ours, window closed, …)
     └── PartnerCenterError              a Partner Center call failed
         ├── TransportError              no usable answer: connection reset, timeout (after retries)
         ├── ThrottledError              429 after the retry budget; carries retry_after
@@ -55,6 +57,16 @@ class ConcurrencyConflict(LedgerError):
 
 class AuthenticationError(MigrationError):
     """No Partner Center access token could be obtained. The message says what to run."""
+
+
+class RolloutRefused(MigrationError):
+    """A change of the rollout controls that is not allowed, e.g. going live with an empty allow-list without
+    choosing all customers."""
+
+
+class CancelRefused(MigrationError):
+    """``cancel`` refuses: the subscription was not bought by this tool, the cancellation window is closed, users
+    already hold its licenses, or the old subscription is no longer active."""
 
 
 class PartnerCenterError(MigrationError):

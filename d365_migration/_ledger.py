@@ -363,5 +363,10 @@ class MigrationLedger:
                 continue
         raise ConcurrencyConflict(f"could not update the purchase budget of run {run_id}")
 
+    @property
+    def table_client(self) -> TableClient:
+        """The underlying table: the rollout controls (``_rollout``) live in it too, under their own partition."""
+        return self._table
+
     def close(self) -> None:
         self._table.close()
