@@ -34,8 +34,11 @@ from ._exceptions import ConcurrencyConflict, LedgerError
 
 logger = logging.getLogger("d365_migration.ledger")
 
-STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed")
-FINAL_STATES = frozenset({"completed", "blocked", "failed"})
+STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed",
+          "cancelled")
+# cancelled: an operator cancelled the replacement this tool bought, inside Partner Center's cancellation window
+# (`python -m d365_migration cancel`); the old subscription was left active.
+FINAL_STATES = frozenset({"completed", "blocked", "failed", "cancelled"})
 _MAX_HISTORY_CHARS = 30_000  # a Table property holds 64 KiB (32 K UTF-16 characters)
 
 

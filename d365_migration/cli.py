@@ -345,6 +345,43 @@ async def _requeue_waiting(ledger: Any, queues: Any) -> int:
     return len(waiting)
 
 
+# ---------------------------------------------------------------------------------------------------- cancel
+
+
+async def _cancel(settings: Settings, target: str, out: TextIO, *, by: str | None) -> int:
+    """Cancel a replacement this tool bought, inside Partner Center's cancellation window (see _cancel)."""
+    from ._app import build_credential, storage_clients
+    from ._cancel import cancel_replacement
+    from ._client import PartnerCenterClient
+    from ._exceptions import CancelRefused
+    from ._rollout import default_actor
+
+    ledger, queues = storage_clients(settings)
+    try:
+        async with PartnerCenterClient(settings.endpoint, build_credential(settings),
+                                       requests_per_minute=settings.requests_per_minute,
+                                       license_requests_per_minute=settings.license_requests_per_minute,
+                                       max_concurrency=settings.max_concurrency) as client:
+            try:
+                outcome = await cancel_replacement(ledger, client, target, by=by or default_actor())
+            except CancelRefused as exc:
+                print(f"refused: {exc}", file=sys.stderr)
+                return 2
+        r = outcome.record
+        if outcome.already:
+            out.write(f"already cancelled: replacement {outcome.cancelled_subscription_id} of "
+                      f"{r.customer_id}/{r.subscription_id} (record {r.state})\n")
+        else:
+            window = (f" (window open until {outcome.window_ends.isoformat(timespec='minutes')})"
+                      if outcome.window_ends else "")
+            out.write(f"cancelled replacement {outcome.cancelled_subscription_id} of {r.customer_id}/"
+                      f"{r.subscription_id}{window}; the old subscription stays active; record is {r.state}\n")
+        return 0
+    finally:
+        ledger.close()
+        queues.close()
+
+
 # ---------------------------------------------------------------------------------------------------- demo
 
 
@@ -431,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("consent", help="one-time sign-in of the partner service account (stores the refresh token)")
     _add_rollout_parser(sub)
+    p = sub.add_parser("cancel", help="cancel a replacement this tool bought, inside Partner Center's 7-day "
+                                      "cancellation window: <subscription> or <customer>/<subscription>")
+    p.add_argument("record", help="the old subscription id (or the replacement's), optionally <customer>/...")
+    p.add_argument("--by", help="who is cancelling (default: user@host); kept in the record's history")
     return parser
 
 
@@ -492,6 +533,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             else:
                 print_records(records, out, "Ledger")
             return 0
+        if args.command == "cancel":
+            return asyncio.run(_cancel(settings, args.record, out, by=args.by))
         if args.command == "rollout":
             return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
