@@ -345,6 +345,70 @@ async def _requeue_waiting(ledger: Any, queues: Any) -> int:
     return len(waiting)
 
 
+# ---------------------------------------------------------------------------------------------------- offers
+
+
+async def _offers(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """Read-only: the new-commerce products and SKUs that can replace each retired family and audience in a country,
+    and the REPLACEMENT_OFFERS JSON for azd (see _offers)."""
+    from ._app import build_credential
+    from ._catalog import RetiredOfferCatalog
+    from ._offers import PRICES_NOT_AVAILABLE, find_replacements, replacement_offers_json
+
+    country = args.country.strip().upper()
+    if len(country) != 2 or not country.isalpha():
+        raise ConfigurationError("--country", f"{args.country!r} is not a two-letter country code", "e.g. --country US")
+    from ._client import PartnerCenterClient
+
+    catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    async with PartnerCenterClient(settings.endpoint, build_credential(settings),
+                                   requests_per_minute=settings.requests_per_minute,
+                                   license_requests_per_minute=settings.license_requests_per_minute,
+                                   max_concurrency=settings.max_concurrency) as client:
+        found = await find_replacements(client, catalog, country)
+    mapping = replacement_offers_json(found, id_format=args.id_format)
+    compact = json.dumps(mapping, separators=(",", ":"))
+    missing = [f"{f}.{a}" for (f, a), c in sorted(found.items()) if not c]
+    if args.json_for_azd:
+        out.write(compact + "\n")
+        for name in missing:
+            print(f"warning: no replacement found in {country} for {name}", file=sys.stderr)
+        return 0
+    term, cycle = settings.replacement_term_duration, settings.replacement_billing_cycle
+    if args.json:
+        doc = {"country": country, "prices": PRICES_NOT_AVAILABLE, "configuredTerm": {"duration": term,
+                                                                                       "billingCycle": cycle},
+               "replacements": [{"family": f, "audience": a,
+                                 "retiredOffers": sorted(o.name for o in catalog if (o.family, o.audience) == (f, a)),
+                                 "candidates": [{**c.to_json(), "offersConfiguredTerm": c.offers_term(term, cycle)}
+                                                for c in cands]}
+                                for (f, a), cands in sorted(found.items())],
+               "replacementOffers": mapping, "missing": missing,
+               "azd": f"azd env set REPLACEMENT_OFFERS '{compact}'"}
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"New-commerce replacements in {country} (first row of each group is suggested)")
+    for col in ("family", "audience", "product", "SKU", "REPLACEMENT_OFFERS id", "catalog item id", "terms"):
+        table.add_column(col, overflow="fold")
+    for (family, audience), cands in sorted(found.items()):
+        if not cands:
+            table.add_row(family, audience, "[red]none found[/red]", "", "", "", "")
+        for i, c in enumerate(cands):
+            terms = ", ".join(f"{t.duration}/{t.billing_cycle}" for t in c.terms)
+            mark = "" if c.offers_term(term, cycle) else f" (no {term}/{cycle})"
+            table.add_row(family if i == 0 else "", audience if i == 0 else "", c.product_title, c.sku_title,
+                          c.replacement_id, c.catalog_item_id, terms + mark)
+    console = _console(out)
+    console.print(table)
+    console.print(f"Prices: {PRICES_NOT_AVAILABLE}.", soft_wrap=True)
+    console.print("Set the suggested ids (check each against the customer's needs first):", soft_wrap=True)
+    console.print(f"  azd env set REPLACEMENT_OFFERS '{compact}'", soft_wrap=True, markup=False)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- cancel
 
 
@@ -468,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("consent", help="one-time sign-in of the partner service account (stores the refresh token)")
     _add_rollout_parser(sub)
+    p = sub.add_parser("offers", help="read-only: new-commerce products/SKUs that can replace each retired offer in a "
+                                      "country, and the REPLACEMENT_OFFERS JSON")
+    p.add_argument("--country", required=True, help="two-letter country code of the customers, e.g. US")
+    out_fmt = p.add_mutually_exclusive_group()
+    out_fmt.add_argument("--json", action="store_true", help="every candidate, as JSON")
+    out_fmt.add_argument("--json-for-azd", action="store_true",
+                         help="only the REPLACEMENT_OFFERS value: azd env set REPLACEMENT_OFFERS \"$(... )\"")
+    p.add_argument("--id-format", choices=("product-sku", "catalog-item"), default="product-sku",
+                   help="productId:skuId (stable; default) or the full catalog item id productId:skuId:availabilityId")
     p = sub.add_parser("cancel", help="cancel a replacement this tool bought, inside Partner Center's 7-day "
                                       "cancellation window: <subscription> or <customer>/<subscription>")
     p.add_argument("record", help="the old subscription id (or the replacement's), optionally <customer>/...")
@@ -533,6 +606,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             else:
                 print_records(records, out, "Ledger")
             return 0
+        if args.command == "offers":
+            return asyncio.run(_offers(settings, args, out))
         if args.command == "cancel":
             return asyncio.run(_cancel(settings, args.record, out, by=args.by))
         if args.command == "rollout":

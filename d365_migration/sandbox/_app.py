@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ._catalog import product_mapping
 from ._config import SandboxConfig
 from ._faults import SlidingWindow, is_app_only
+from ._products import product_routes
 from ._state import ApiError, SandboxState, link
 
 JSON_CT = "application/json; charset=utf-8"
@@ -275,7 +276,7 @@ class SandboxApp:
         state.config = config
         self.general = SlidingWindow()
         self.license = SlidingWindow()
-        self.router = Router(routes=_partner_routes(state, config))
+        self.router = Router(routes=_partner_routes(state, config) + product_routes())
         self.admin = Router(routes=_admin_routes(self))
         self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
 
