@@ -1,4 +1,4 @@
-"""Command line: plan (read-only), run, status, retry, sandbox, demo, consent.
+"""Command line: plan and offers (read-only), run, status, retry, rollout, cancel, sandbox, demo, consent.
 
 ``run`` and ``demo`` serve the function folders through the project's local host (which stands in for Azure Functions
 Core Tools locally; it is not the real host) over Azurite.
