@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "RetryAfterTooLongError": "_exceptions",
     "SubscriptionSuspendedError": "_exceptions",
     "UpdatePendingError": "_exceptions",
+    "CancelRefused": "_exceptions",
+    "RolloutRefused": "_exceptions",
     "ClientError": "_exceptions",
     "ConcurrencyConflict": "_exceptions",
     "ConfigurationError": "_exceptions",
@@ -63,6 +65,9 @@ _EXPORTS: dict[str, str] = {
     "LicenseUpdateResult": "_models",
     "LicenseWarning": "_models",
     "UpdateAccepted": "_models",
+    "RolloutControls": "_rollout",
+    "RolloutStore": "_rollout",
+    "load_effective_controls": "_rollout",
     "APP_SETTINGS": "_settings",
     "ReplacementOffers": "_settings",
     "ReplacementTarget": "_settings",
@@ -128,6 +133,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         AuthenticationError as AuthenticationError,
     )
     from ._exceptions import (
+        CancelRefused as CancelRefused,
+    )
+    from ._exceptions import (
         ClientError as ClientError,
     )
     from ._exceptions import (
@@ -169,6 +177,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._exceptions import PurchaseRejectedError as PurchaseRejectedError
     from ._exceptions import RequestIdReusedError as RequestIdReusedError
     from ._exceptions import RetryAfterTooLongError as RetryAfterTooLongError
+    from ._exceptions import (
+        RolloutRefused as RolloutRefused,
+    )
     from ._exceptions import (
         ServerError as ServerError,
     )
@@ -216,6 +227,15 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._queues import (
         QueueSender as QueueSender,
+    )
+    from ._rollout import (
+        RolloutControls as RolloutControls,
+    )
+    from ._rollout import (
+        RolloutStore as RolloutStore,
+    )
+    from ._rollout import (
+        load_effective_controls as load_effective_controls,
     )
     from ._settings import (
         APP_SETTINGS as APP_SETTINGS,

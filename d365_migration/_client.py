@@ -784,6 +784,49 @@ class PartnerCenterClient:
                            warning.message[:200])
         return result
 
+    # ------------------------------------------------------------------ new-commerce catalog (read-only)
+    # Learn: partner-center/developer/get-a-list-of-products, get-a-list-of-skus-for-a-product,
+    # get-a-list-of-availabilities-for-a-sku, product-resources. Items are returned as Partner Center sends them
+    # (read them with get_ci: names are matched case-insensitively).
+
+    @staticmethod
+    def _catalog_params(country: str, target_segment: str | None, **extra: str) -> tuple[tuple[str, str], ...]:
+        code = country.strip().upper()
+        if len(code) != 2 or not code.isalpha():
+            raise ValueError(f"country {country!r} is not a two-letter country code")
+        params = [("country", code), *extra.items()]
+        if target_segment:
+            params.append(("targetSegment", target_segment))
+        return tuple(params)
+
+    async def _catalog_items(self, path: str, params: tuple[tuple[str, str], ...], what: str) -> list[Any]:
+        items: list[Any] = []
+        async for page in self._paged(PageRequest(path, params), "commerce", what):
+            items.extend(page)
+        return items
+
+    async def list_products(self, country: str, *, target_view: str = "OnlineServices",
+                            target_segment: str | None = None) -> list[Mapping[str, Any]]:
+        """``GET /v1/products?country=&targetView=[&targetSegment=]`` (every page)."""
+        params = self._catalog_params(country, target_segment, targetView=target_view)
+        return [i for i in await self._catalog_items("/v1/products", params, "products") if isinstance(i, Mapping)]
+
+    async def list_skus(self, product_id: str, country: str, *, target_segment: str | None = None
+                        ) -> list[Mapping[str, Any]]:
+        """``GET /v1/products/{productId}/skus?country=[&targetSegment=]``."""
+        path = f"/v1/products/{_segment(product_id, 'product id')}/skus"
+        items = await self._catalog_items(path, self._catalog_params(country, target_segment), "skus")
+        return [i for i in items if isinstance(i, Mapping)]
+
+    async def list_availability_documents(self, product_id: str, sku_id: str, country: str, *,
+                                          target_segment: str | None = None) -> list[Mapping[str, Any]]:
+        """``GET /v1/products/{productId}/skus/{skuId}/availabilities?country=[&targetSegment=]``, every page, as
+        the service sent them (the ``offers`` report reads fields the typed :class:`Availability` leaves out)."""
+        path = (f"/v1/products/{_segment(product_id, 'product id')}/skus/{_segment(sku_id, 'sku id')}"
+                "/availabilities")
+        items = await self._catalog_items(path, self._catalog_params(country, target_segment), "availabilities")
+        return [i for i in items if isinstance(i, Mapping)]
+
 
 # ---------------------------------------------------------------------- helpers
 

@@ -9,6 +9,8 @@ The hierarchy::
     │   └── ConcurrencyConflict         another worker changed the record first (ETag mismatch)
     ├── AuthenticationError             no access token could be had; says exactly what to run to fix it
     ├── RequestIdReusedError            a caller sent an MS-RequestId that already got an answer (a bug; strict mode)
+    ├── RolloutRefused                  a rollout-controls change that is not allowed (says why and what to do)
+    ├── CancelRefused                   ``cancel`` will not cancel this subscription (not ours, window closed, …)
     └── PartnerCenterError              a Partner Center call failed
         ├── TransportError              no usable answer: connection reset, timeout (after retries)
         ├── MalformedResponseError      an answer that is not the documented shape (HTML page, truncated JSON…)
@@ -75,6 +77,14 @@ class RequestIdReusedError(MigrationError):
 
     Partner Center's headers page: reuse the id only to retry the same call after a timeout; after any response the
     next call needs a new id. This is a programming error in the caller, raised before anything is sent."""
+class RolloutRefused(MigrationError):
+    """A change of the rollout controls that is not allowed, e.g. going live with an empty allow-list without
+    choosing all customers."""
+
+
+class CancelRefused(MigrationError):
+    """``cancel`` refuses: the subscription was not bought by this tool, the cancellation window is closed, users
+    already hold its licenses, or the old subscription is no longer active."""
 
 
 class PartnerCenterError(MigrationError):

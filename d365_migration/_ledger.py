@@ -34,8 +34,11 @@ from ._exceptions import ConcurrencyConflict, LedgerError
 
 logger = logging.getLogger("d365_migration.ledger")
 
-STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed")
-FINAL_STATES = frozenset({"completed", "blocked", "failed"})
+STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed",
+          "cancelled")
+# cancelled: an operator cancelled the replacement this tool bought, inside Partner Center's cancellation window
+# (`python -m d365_migration cancel`); the old subscription was left active.
+FINAL_STATES = frozenset({"completed", "blocked", "failed", "cancelled"})
 _MAX_HISTORY_CHARS = 30_000  # a Table property holds 64 KiB (32 K UTF-16 characters)
 
 
@@ -362,6 +365,11 @@ class MigrationLedger:
             except ResourceModifiedError:
                 continue
         raise ConcurrencyConflict(f"could not update the purchase budget of run {run_id}")
+
+    @property
+    def table_client(self) -> TableClient:
+        """The underlying table: the rollout controls (``_rollout``) live in it too, under their own partition."""
+        return self._table
 
     def close(self) -> None:
         self._table.close()

@@ -5,19 +5,28 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._ledger import STATES, MigrationLedger, MigrationRecord
+
+if TYPE_CHECKING:
+    from ._settings import Settings
 
 
 def retry_command(record: MigrationRecord) -> str:
     return f"python -m d365_migration retry {record.customer_id}/{record.subscription_id}"
 
 
-def status_document(records: Sequence[MigrationRecord], *, dry_run: bool) -> dict[str, Any]:
+def status_document(records: Sequence[MigrationRecord], *, dry_run: bool,
+                    rollout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``rollout`` is :meth:`RolloutControls.to_json` of the controls in force; when given, its mode is the page's
+    dry-run flag (the stored controls, not the app setting, decide whether the app spends)."""
     counts = Counter(r.state for r in records)
+    if rollout is not None:
+        dry_run = not rollout["live"]
     return {
         "dryRun": dry_run,
+        "rollout": rollout,
         "total": len(records),
         "counts": {state: counts.get(state, 0) for state in STATES},
         "attention": [
@@ -37,8 +46,16 @@ def status_document(records: Sequence[MigrationRecord], *, dry_run: bool) -> dic
     }
 
 
-async def load_status(ledger: MigrationLedger, *, dry_run: bool) -> dict[str, Any]:
-    return status_document(await ledger.list_records(), dry_run=dry_run)
+async def load_status(ledger: MigrationLedger, *, dry_run: bool, settings: Settings | None = None) -> dict[str, Any]:
+    """The status document; with ``settings``, it includes the rollout controls in force (read-only: nothing is
+    stored from the status page)."""
+    rollout = None
+    if settings is not None:
+        from ._rollout import RolloutStore, load_effective_controls
+
+        controls = await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+        rollout = controls.to_json()
+    return status_document(await ledger.list_records(), dry_run=dry_run, rollout=rollout)
 
 
 _CSS = """
@@ -53,7 +70,31 @@ table{border-collapse:collapse;width:100%;background:#fff;font-size:.9rem}
 th,td{border:1px solid #e1e1e1;padding:.35rem .5rem;text-align:left;vertical-align:top}
 th{background:#f0f0f0} code{background:#f3f3f3;padding:.1rem .3rem;border-radius:4px;font-size:.85rem}
 .state-failed,.state-blocked{color:#b3261e;font-weight:600}.state-completed{color:#107c10;font-weight:600}
+.paused{background:#fde7e9;border:1px solid #d13438}.rollout td:first-child{width:12rem;font-weight:600}
 """
+
+
+def _rollout_html(rollout: dict[str, Any] | None) -> str:
+    if rollout is None:
+        return ""
+    e = escape
+    customers = ("all customers (chosen explicitly)" if rollout["customers"] == "all" else
+                 ", ".join(f"<code>{e(c)}</code>" for c in rollout["allowlist"]) or "none (allow-list empty)")
+    origin = (f"stored; changed by {e(rollout['changedBy'] or '')} at {e((rollout['changedAt'] or '')[:19])} UTC"
+              if rollout["source"] == "stored" else "app settings (first-deploy defaults, not stored yet)")
+    paused = (f'<div class="banner paused">Paused: {e(rollout["pauseReason"] or "")}. No new purchases; resume '
+              "with <code>python -m d365_migration rollout resume</code>.</div>" if rollout["paused"] else "")
+    rows = [("mode", "live" if rollout["live"] else "dry run"), ("paused", "yes" if rollout["paused"] else "no"),
+            ("customers", customers),
+            ("denied (CUSTOMER_DENYLIST)", ", ".join(f"<code>{e(c)}</code>" for c in rollout["denylist"]) or "none"),
+            ("purchase brake", f"at most {int(rollout['maxPurchasesPerRun'])} purchase(s) per detection run"),
+            ("source", origin)]
+    if rollout.get("note"):
+        rows.append(("note", e(rollout["note"])))
+    body = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in rows)
+    return (f"{paused}<h2>Rollout controls</h2><table class='rollout'>{body}</table>"
+            "<p>Change them with <code>python -m d365_migration rollout set|pause|resume</code> "
+            "(every change is audited: <code>rollout audit</code>).</p>")
 
 
 def render_html(doc: dict[str, Any]) -> str:
@@ -83,7 +124,7 @@ def render_html(doc: dict[str, Any]) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>d365-migration status</title>"
         f"<style>{_CSS}</style></head><body><h1>d365-migration: Qualified Offer migrations</h1>{banner}"
-        f"<div class='counts'>{''.join(cards)}</div>"
+        f"{_rollout_html(doc.get('rollout'))}<div class='counts'>{''.join(cards)}</div>"
         f"<h2>Needs attention ({len(doc['attention'])})</h2>{attention}"
         f"<h2>All migrations ({doc['total']})</h2><table><tr><th>customer</th><th>old offer</th><th>audience</th>"
         f"<th>qty</th><th>replacement</th><th>users moved</th><th>state</th><th>updated (UTC)</th></tr>"

@@ -1,4 +1,4 @@
-"""Command line: plan (read-only), run, status, retry, sandbox, demo, consent.
+"""Command line: plan and offers (read-only), run, status, retry, rollout, cancel, sandbox, demo, consent.
 
 ``run`` and ``demo`` serve the function folders through the project's local host (which stands in for Azure Functions
 Core Tools locally; it is not the real host) over Azurite.
@@ -220,6 +220,232 @@ async def _retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bo
         queues.close()
 
 
+# ---------------------------------------------------------------------------------------------------- rollout
+
+
+def _print_controls(controls: Any, out: TextIO) -> None:
+    doc = controls.to_json()
+    if controls.source == "stored":
+        origin = f"stored; last changed by {controls.changed_by} at {controls.changed_at} (version {controls.version})"
+    else:
+        origin = "not stored yet: first-deploy defaults from the app settings (stored on first use)"
+    customers = ("ALL customers (chosen explicitly)" if controls.all_customers else
+                 ", ".join(doc["allowlist"]) if doc["allowlist"] else "none (allow-list empty)")
+    paused = f"yes: {controls.pause_reason or 'no reason given'}" if controls.paused else "no"
+    out.write(f"mode:                 {'LIVE' if controls.live else 'dry run'}\n"
+              f"paused:               {paused}\n"
+              f"customers:            {customers}\n"
+              f"denied (app setting): {', '.join(doc['denylist']) or 'none'}\n"
+              f"purchase brake:       at most {controls.max_purchases_per_run} purchase(s) per detection run\n"
+              f"may buy now:          {'yes' if controls.may_purchase else 'no'}\n"
+              f"source:               {origin}\n")
+    if controls.note:
+        out.write(f"note:                 {controls.note}\n")
+
+
+def _print_audit(entries: Sequence[Any], out: TextIO) -> None:
+    if not entries:
+        out.write("no changes recorded yet\n")
+        return
+    for entry in entries:
+        changed = "; ".join(f"{k}: {before!r} -> {after!r}" for k, (before, after) in entry.changes().items())
+        out.write(f"{entry.at}  {entry.by}  {entry.action}: {changed or 'no change'}"
+                  f"{'  (' + entry.reason + ')' if entry.reason else ''}\n")
+
+
+async def _rollout(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """``rollout show|audit|set|pause|resume``: the controls that decide what the app may spend (see _rollout)."""
+    from ._app import storage_clients
+    from ._exceptions import RolloutRefused
+    from ._rollout import (
+        RolloutControls,
+        RolloutStore,
+        controls_from_settings,
+        default_actor,
+        load_effective_controls,
+        parse_customer_ids,
+    )
+
+    ledger, queues = storage_clients(settings)
+    try:
+        store = RolloutStore(ledger.table_client)
+        action = args.rollout_action
+        if action in ("show", "audit"):
+            controls = await load_effective_controls(store, settings, seed=False)
+            entries = await store.audit(limit=args.limit)
+            if args.json:
+                doc = {"controls": controls.to_json(), "audit": [e.to_json() for e in entries]}
+                json.dump(doc if action == "show" else doc["audit"], out, indent=2)
+                out.write("\n")
+            elif action == "show":
+                _print_controls(controls, out)
+                out.write("\nrecent changes:\n")
+                _print_audit(entries[:5], out)
+            else:
+                _print_audit(entries, out)
+            return 0
+        by = args.by or default_actor()
+        reason = args.reason
+        update: Any
+        if action == "pause":
+            def update(c: RolloutControls) -> RolloutControls:
+                return replace(c, paused=True, pause_reason=reason or "paused by an operator")
+        elif action == "resume":
+            def update(c: RolloutControls) -> RolloutControls:
+                return replace(c, paused=False, pause_reason=None)
+        else:  # set
+            allow = parse_customer_ids(args.allow or [])
+            disallow = parse_customer_ids(args.disallow or [])
+            if not (args.mode or allow or disallow or args.clear_allowlist or args.all_customers
+                    or args.max_purchases is not None):
+                raise RolloutRefused("nothing to change: give --live/--dry-run, --allow, --disallow, "
+                                     "--clear-allowlist, --all-customers or --max-purchases")
+
+            def update(c: RolloutControls) -> RolloutControls:
+                allowlist = frozenset() if args.clear_allowlist else c.allowlist
+                allowlist = (allowlist | allow) - disallow
+                all_customers = c.all_customers
+                if allow or args.clear_allowlist:
+                    all_customers = False  # naming customers (or starting over) ends "all customers"
+                if args.all_customers:
+                    all_customers = True
+                live = c.live if args.mode is None else args.mode == "live"
+                brake = c.max_purchases_per_run if args.max_purchases is None else args.max_purchases
+                return replace(c, live=live, allowlist=allowlist, all_customers=all_customers,
+                               max_purchases_per_run=brake)
+        try:
+            controls = await store.change(update, by=by, action=action, reason=reason,
+                                          defaults=controls_from_settings(settings))
+        except RolloutRefused as exc:
+            print(f"refused: {exc}", file=sys.stderr)
+            return 2
+        out.write(f"rollout {action} by {by}: {controls.summary()}\n")
+        if action == "resume" and controls.may_purchase:
+            requeued = await _requeue_waiting(ledger, queues)
+            out.write(f"re-queued {requeued} record(s) waiting to be bought\n")
+        return 0
+    except RolloutRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
+        queues.close()
+
+
+async def _requeue_waiting(ledger: Any, queues: Any) -> int:
+    """After a pause, the records that were never bought (``detected``) are sent to the purchase step again. The
+    step checks the ledger and Partner Center before it buys, so a record queued twice is bought once."""
+    from ._messages import StepMessage
+
+    waiting = await ledger.list_records(states=("detected",))
+    for record in waiting:
+        message = StepMessage(step="purchase", customer_id=record.customer_id,
+                              subscription_id=record.subscription_id, correlation_id=record.correlation_id)
+        await queues.send(message.queue, message.to_json())
+    return len(waiting)
+
+
+# ---------------------------------------------------------------------------------------------------- offers
+
+
+async def _offers(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """Read-only: the new-commerce products and SKUs that can replace each retired family and audience in a country,
+    and the REPLACEMENT_OFFERS JSON for azd (see _offers)."""
+    from ._app import build_credential
+    from ._catalog import RetiredOfferCatalog
+    from ._offers import PRICES_NOT_AVAILABLE, find_replacements, replacement_offers_json
+
+    country = args.country.strip().upper()
+    if len(country) != 2 or not country.isalpha():
+        raise ConfigurationError("--country", f"{args.country!r} is not a two-letter country code", "e.g. --country US")
+    from ._client import PartnerCenterClient
+
+    catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    async with PartnerCenterClient(settings.endpoint, build_credential(settings),
+                                   requests_per_minute=settings.requests_per_minute,
+                                   license_requests_per_minute=settings.license_requests_per_minute,
+                                   max_concurrency=settings.max_concurrency) as client:
+        found = await find_replacements(client, catalog, country)
+    mapping = replacement_offers_json(found, id_format=args.id_format)
+    compact = json.dumps(mapping, separators=(",", ":"))
+    missing = [f"{f}.{a}" for (f, a), c in sorted(found.items()) if not c]
+    if args.json_for_azd:
+        out.write(compact + "\n")
+        for name in missing:
+            print(f"warning: no replacement found in {country} for {name}", file=sys.stderr)
+        return 0
+    term, cycle = settings.replacement_term_duration, settings.replacement_billing_cycle
+    if args.json:
+        doc = {"country": country, "prices": PRICES_NOT_AVAILABLE, "configuredTerm": {"duration": term,
+                                                                                       "billingCycle": cycle},
+               "replacements": [{"family": f, "audience": a,
+                                 "retiredOffers": sorted(o.name for o in catalog if (o.family, o.audience) == (f, a)),
+                                 "candidates": [{**c.to_json(), "offersConfiguredTerm": c.offers_term(term, cycle)}
+                                                for c in cands]}
+                                for (f, a), cands in sorted(found.items())],
+               "replacementOffers": mapping, "missing": missing,
+               "azd": f"azd env set REPLACEMENT_OFFERS '{compact}'"}
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"New-commerce replacements in {country} (first row of each group is suggested)")
+    for col in ("family", "audience", "product", "SKU", "REPLACEMENT_OFFERS id", "catalog item id", "terms"):
+        table.add_column(col, overflow="fold")
+    for (family, audience), cands in sorted(found.items()):
+        if not cands:
+            table.add_row(family, audience, "[red]none found[/red]", "", "", "", "")
+        for i, c in enumerate(cands):
+            terms = ", ".join(f"{t.duration}/{t.billing_cycle}" for t in c.terms)
+            mark = "" if c.offers_term(term, cycle) else f" (no {term}/{cycle})"
+            table.add_row(family if i == 0 else "", audience if i == 0 else "", c.product_title, c.sku_title,
+                          c.replacement_id, c.catalog_item_id, terms + mark)
+    console = _console(out)
+    console.print(table)
+    console.print(f"Prices: {PRICES_NOT_AVAILABLE}.", soft_wrap=True)
+    console.print("Set the suggested ids (check each against the customer's needs first):", soft_wrap=True)
+    console.print(f"  azd env set REPLACEMENT_OFFERS '{compact}'", soft_wrap=True, markup=False)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- cancel
+
+
+async def _cancel(settings: Settings, target: str, out: TextIO, *, by: str | None) -> int:
+    """Cancel a replacement this tool bought, inside Partner Center's cancellation window (see _cancel)."""
+    from ._app import build_credential, storage_clients
+    from ._cancel import cancel_replacement
+    from ._client import PartnerCenterClient
+    from ._exceptions import CancelRefused
+    from ._rollout import default_actor
+
+    ledger, queues = storage_clients(settings)
+    try:
+        async with PartnerCenterClient(settings.endpoint, build_credential(settings),
+                                       requests_per_minute=settings.requests_per_minute,
+                                       license_requests_per_minute=settings.license_requests_per_minute,
+                                       max_concurrency=settings.max_concurrency) as client:
+            try:
+                outcome = await cancel_replacement(ledger, client, target, by=by or default_actor())
+            except CancelRefused as exc:
+                print(f"refused: {exc}", file=sys.stderr)
+                return 2
+        r = outcome.record
+        if outcome.already:
+            out.write(f"already cancelled: replacement {outcome.cancelled_subscription_id} of "
+                      f"{r.customer_id}/{r.subscription_id} (record {r.state})\n")
+        else:
+            window = (f" (window open until {outcome.window_ends.isoformat(timespec='minutes')})"
+                      if outcome.window_ends else "")
+            out.write(f"cancelled replacement {outcome.cancelled_subscription_id} of {r.customer_id}/"
+                      f"{r.subscription_id}{window}; the old subscription stays active; record is {r.state}\n")
+        return 0
+    finally:
+        ledger.close()
+        queues.close()
+
+
 # ---------------------------------------------------------------------------------------------------- demo
 
 
@@ -305,7 +531,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--timeout", type=float, default=300.0)
     sub.add_parser("consent", help="one-time sign-in of the partner service account (stores the refresh token)")
+    _add_rollout_parser(sub)
+    p = sub.add_parser("offers", help="read-only: new-commerce products/SKUs that can replace each retired offer in a "
+                                      "country, and the REPLACEMENT_OFFERS JSON")
+    p.add_argument("--country", required=True, help="two-letter country code of the customers, e.g. US")
+    out_fmt = p.add_mutually_exclusive_group()
+    out_fmt.add_argument("--json", action="store_true", help="every candidate, as JSON")
+    out_fmt.add_argument("--json-for-azd", action="store_true",
+                         help="only the REPLACEMENT_OFFERS value: azd env set REPLACEMENT_OFFERS \"$(... )\"")
+    p.add_argument("--id-format", choices=("product-sku", "catalog-item"), default="product-sku",
+                   help="productId:skuId (stable; default) or the full catalog item id productId:skuId:availabilityId")
+    p = sub.add_parser("cancel", help="cancel a replacement this tool bought, inside Partner Center's 7-day "
+                                      "cancellation window: <subscription> or <customer>/<subscription>")
+    p.add_argument("record", help="the old subscription id (or the replacement's), optionally <customer>/...")
+    p.add_argument("--by", help="who is cancelling (default: user@host); kept in the record's history")
     return parser
+
+
+def _add_rollout_parser(sub: Any) -> None:
+    p = sub.add_parser("rollout", help="show or change what the app may spend (kept in storage; a re-deploy does "
+                                       "not change it)")
+    actions = p.add_subparsers(dest="rollout_action", required=True)
+    for name, text in (("show", "the controls in force and the latest changes"),
+                       ("audit", "who changed the controls, what and when")):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("--json", action="store_true")
+        a.add_argument("--limit", type=int, default=50)
+    s = actions.add_parser("set", help="change the controls (every change is recorded with who and when)")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--live", dest="mode", action="store_const", const="live", help="buy, move and suspend")
+    mode.add_argument("--dry-run", dest="mode", action="store_const", const="dry-run", help="change nothing")
+    s.add_argument("--allow", action="extend", nargs="+", metavar="CUSTOMER_ID", help="add to the allow-list")
+    s.add_argument("--disallow", action="extend", nargs="+", metavar="CUSTOMER_ID",
+                   help="remove from the allow-list")
+    s.add_argument("--clear-allowlist", action="store_true", help="empty the allow-list first")
+    s.add_argument("--all-customers", action="store_true",
+                   help="every customer (required to go live without an allow-list)")
+    s.add_argument("--max-purchases", type=int, metavar="N", help="purchase brake: at most N purchases per run")
+    pause = actions.add_parser("pause", help="stop new purchases now (in-flight records finish their step)")
+    resume = actions.add_parser("resume", help="allow purchases again and re-queue the records that waited")
+    for a in (s, pause, resume):
+        a.add_argument("--by", help="who is making the change (default: user@host)")
+        a.add_argument("--reason", help="why (kept in the audit trail)")
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -339,6 +606,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             else:
                 print_records(records, out, "Ledger")
             return 0
+        if args.command == "offers":
+            return asyncio.run(_offers(settings, args, out))
+        if args.command == "cancel":
+            return asyncio.run(_cancel(settings, args.record, out, by=args.by))
+        if args.command == "rollout":
+            return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
             return asyncio.run(_retry(settings, args.record, out, buy_anyway=args.buy_anyway))
     except ConfigurationError as exc:

@@ -59,9 +59,6 @@ param partnerCenterEndpoint string = 'https://api.partnercenter.microsoft.com'
 @description('Entra authority used for Partner Center tokens; PARTNER_CENTER_AUTHORITY.')
 param partnerCenterAuthority string = 'https://login.microsoftonline.com'
 
-@description('DRY_RUN. true (the default) logs what would be bought, moved and suspended without changing anything. Set false only after reviewing a dry run.')
-param dryRun bool = true
-
 @description('REPLACEMENT_OFFERS: JSON object family -> audience -> catalog item id (productId:skuId:availabilityId) or legacy offer GUID.')
 param replacementOffers string = '{}'
 
@@ -87,15 +84,8 @@ param expiryWindowDays int = 60
 @description('RETIRED_OFFERS_EXTRA: additional retired offer ids, comma separated.')
 param retiredOffersExtra string = ''
 
-@description('CUSTOMER_ALLOWLIST: comma-separated customer tenant ids; empty means all customers.')
-param customerAllowlist string = ''
-
 @description('CUSTOMER_DENYLIST: comma-separated customer tenant ids never touched.')
 param customerDenylist string = ''
-
-@description('MAX_PURCHASES_PER_RUN: safety cap on purchases per detection run.')
-@minValue(0)
-param maxPurchasesPerRun int = 50
 
 @description('PARTNER_CENTER_REQUESTS_PER_MINUTE: client-side budget for general Partner Center calls.')
 @minValue(1)
@@ -237,16 +227,13 @@ module api 'app/api.bicep' = {
     partnerCenterClientId: partnerCenterClientId
     partnerCenterEndpoint: partnerCenterEndpoint
     partnerCenterAuthority: partnerCenterAuthority
-    dryRun: dryRun
     replacementOffers: replacementOffers
     replacementBillingCycle: replacementBillingCycle
     replacementTermDuration: replacementTermDuration
     detectSchedule: detectSchedule
     expiryWindowDays: expiryWindowDays
     retiredOffersExtra: retiredOffersExtra
-    customerAllowlist: customerAllowlist
     customerDenylist: customerDenylist
-    maxPurchasesPerRun: maxPurchasesPerRun
     partnerCenterRequestsPerMinute: partnerCenterRequestsPerMinute
     partnerCenterLicenseRequestsPerMinute: partnerCenterLicenseRequestsPerMinute
     partnerCenterMaxConcurrency: partnerCenterMaxConcurrency
@@ -301,4 +288,3 @@ output AZURE_STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
 output AZURE_USER_ASSIGNED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output AZURE_USER_ASSIGNED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.appInsightsName
-output DRY_RUN bool = dryRun

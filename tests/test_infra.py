@@ -632,12 +632,79 @@ def test_no_storage_keys_anywhere_in_infra() -> None:
 
 
 def test_dry_run_defaults_to_true() -> None:
-    assert app_settings()["DRY_RUN"] == "dryRun ? 'true' : 'false'"
-    assert bicep("main.bicep").params()["dryRun"] == Param("dryRun", "bool", "true")
+    # DRY_RUN is no longer a deployment parameter at all (issue 11): the deployed value is the literal 'true', the
+    # first-deploy default of the rollout controls, and no azd env value or template parameter can change it.
+    assert literal(app_settings()["DRY_RUN"]) == "true"
+    assert "dryRun" not in bicep("main.bicep").params() and "dryRun" not in api().params()
     assert resolve_default("DRY_RUN") == "true"
     params = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
-    if "dryRun" in params:
-        assert params["dryRun"]["value"] in ("${DRY_RUN=true}", True, "true")
+    assert "dryRun" not in params
+
+
+ROLLOUT_SETTINGS = ("DRY_RUN", "CUSTOMER_ALLOWLIST", "MAX_PURCHASES_PER_RUN")
+
+
+def test_deployment_carries_no_rollout_state_a_redeploy_could_reset() -> None:
+    """The rollout controls live in storage. The template sets their app settings to fixed safe literals (never a
+    parameter, so `azd up` with any azd environment deploys the same values), and main.parameters.json maps no azd
+    environment value onto them."""
+    settings = app_settings()
+    api_params = set(api().params())
+    for name in ROLLOUT_SETTINGS:
+        expr = settings[name]
+        value = literal(expr)  # raises if the value is an expression (a parameter, a variable, a function call)
+        assert not any(re.search(rf"\b{re.escape(p)}\b", expr) for p in api_params), f"{name} = {expr}"
+        assert value == {"DRY_RUN": "true", "CUSTOMER_ALLOWLIST": "", "MAX_PURCHASES_PER_RUN": "50"}[name]
+    raw = (INFRA / "main.parameters.json").read_text(encoding="utf-8")
+    for name in ROLLOUT_SETTINGS:
+        assert "${" + name not in raw, f"main.parameters.json maps the azd env value {name}"
+    for param in ("dryRun", "customerAllowlist", "maxPurchasesPerRun"):
+        assert param not in bicep("main.bicep").params(), f"main.bicep still has a {param} parameter"
+        assert param not in api_params, f"api.bicep still has a {param} parameter"
+    assert "DRY_RUN" not in bicep("main.bicep").outputs()  # nothing feeds a rollout value back into the azd env
+
+
+def test_deployed_settings_seed_a_dry_run_for_nobody() -> None:
+    from d365_migration._rollout import controls_from_settings
+    from d365_migration._settings import load_settings
+
+    deployed = {name: literal(app_settings()[name]) for name in ROLLOUT_SETTINGS}
+    controls = controls_from_settings(load_settings(deployed))
+    assert controls.dry_run and not controls.may_purchase
+    assert not controls.all_customers and controls.allowlist == frozenset()
+    assert controls.max_purchases_per_run == 50
+
+
+def test_a_redeploy_cannot_clear_or_widen_stored_rollout_controls(storage: str) -> None:
+    """Go live for one customer with a brake of 2, then 're-deploy': the app now reads the deployed app settings.
+    The stored controls stay exactly as they were."""
+    import asyncio
+
+    from d365_migration._ledger import MigrationLedger
+    from d365_migration._rollout import (
+        RolloutControls,
+        RolloutStore,
+        controls_from_settings,
+        load_effective_controls,
+    )
+    from d365_migration._settings import load_settings
+
+    customer = "11111111-2222-3333-4444-555555555555"
+    deployed = {name: literal(app_settings()[name]) for name in ROLLOUT_SETTINGS}
+    store = RolloutStore(MigrationLedger.from_connection_string(storage).table_client)
+
+    async def scenario() -> tuple[RolloutControls, RolloutControls]:
+        before = await store.change(
+            lambda c: type(c)(**{**c.__dict__, "live": True, "allowlist": frozenset({customer}),
+                                 "max_purchases_per_run": 2}),
+            by="operator", action="set", reason=None, defaults=controls_from_settings(load_settings(deployed)))
+        after = await load_effective_controls(store, load_settings({**deployed, "AzureWebJobsStorage": storage}))
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert after == before
+    assert after.live and after.allowlist == frozenset({customer}) and after.max_purchases_per_run == 2
+    assert not after.all_customers
 
 
 @pytest.mark.parametrize("setting", sorted(EXPECTED_DEFAULTS))

@@ -62,6 +62,8 @@ async def run(storage: str) -> AsyncIterator[dict[str, Any]]:
             "REPLACEMENT_OFFERS": json.dumps(replacements), "PROVISIONING_POLL_SECONDS": "1",
             "DETECT_SCHEDULE": "0 0 6 * * *", "PARTNER_CENTER_REQUESTS_PER_MINUTE": "100000",
             "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": "100000",
+            # live for these customers (an empty allow-list is never "everyone" for the rollout controls)
+            "CUSTOMER_ALLOWLIST": ",".join(t["cid"] for t in tenants.values()),
             # the partner lists one more retired offer by name (a name that happens to carry HTML)
             "RETIRED_OFFERS_EXTRA": json.dumps([{"name": EVIL_OFFER, "family": "sales", "audience": "commercial",
                                                  "channel": "CRMOL Basic", "offerIds": [], "skuPartNumbers": []}]),
@@ -85,7 +87,7 @@ async def test_json_has_counts_per_state_and_every_record_needing_attention(run:
     doc = await status_json(run["host"])
     assert doc["dryRun"] is False and doc["total"] == 4
     assert doc["counts"] == {"detected": 0, "purchasing": 0, "purchased": 0, "reassigning": 0, "reassigned": 0,
-                             "completed": 1, "blocked": 2, "failed": 1}
+                             "completed": 1, "blocked": 2, "failed": 1, "cancelled": 0}
     t = run["tenants"]
     attention = {a["subscriptionId"]: a for a in doc["attention"]}
     assert set(attention) == {t["evil_blocked"]["sid"], t["unmapped_blocked"]["sid"], t["rejected_failed"]["sid"]}
@@ -138,3 +140,31 @@ async def test_dry_run_banner_and_empty_ledger(storage: str) -> None:
     app_module._services.clear()
     assert doc["dryRun"] is True and doc["total"] == 0 and doc["attention"] == []
     assert "DRY_RUN is on" in page and "Nothing needs attention" in page
+
+
+async def test_rollout_controls_are_shown_and_stored_controls_decide_the_mode(storage: str) -> None:
+    from d365_migration._ledger import MigrationLedger
+    from d365_migration._rollout import RolloutStore, controls_from_settings
+    from d365_migration._settings import Settings
+
+    app_module._services.clear()
+    customer = str(uuid.uuid4())
+    reason = "wrong <b>replacement</b> id"
+    env = {"PARTNER_CENTER_ENDPOINT": "http://127.0.0.1:9", "PARTNER_CENTER_AUTH": "none",
+           "DETECT_SCHEDULE": "0 0 6 * * *", "DRY_RUN": "true"}
+    store = RolloutStore(MigrationLedger.from_connection_string(storage).table_client)
+    defaults = controls_from_settings(Settings.from_env({**env, "AzureWebJobsStorage": storage}))
+    await store.change(lambda c: type(c)(**{**c.__dict__, "live": True, "allowlist": frozenset({customer}),
+                                          "max_purchases_per_run": 4, "paused": True, "pause_reason": reason}),
+                       by="alice", action="set", reason=None, defaults=defaults)
+    async with LocalHost(REPO, connection_string=storage, env=env, functions=["status"]) as host:
+        doc = await status_json(host)
+        page = (await host.call_http("status")).get_body().decode()
+    app_module._services.clear()
+    rollout = doc["rollout"]
+    assert rollout["source"] == "stored" and rollout["changedBy"] == "alice"
+    assert rollout["live"] is True and rollout["paused"] is True and rollout["mayPurchase"] is False
+    assert rollout["allowlist"] == [customer] and rollout["maxPurchasesPerRun"] == 4
+    assert doc["dryRun"] is False  # the stored controls, not DRY_RUN=true, decide
+    assert "Rollout controls" in page and customer in page and "at most 4 purchase(s)" in page
+    assert "Paused: wrong &lt;b&gt;replacement&lt;/b&gt; id" in page and "<b>replacement" not in page

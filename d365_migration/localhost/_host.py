@@ -393,11 +393,16 @@ class LocalHost:
         elif body_kind in ("string", "json"):
             body = getattr(http.body, body_kind).encode("utf-8")
         headers = dict(http.headers)
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        mimetype, _, params = content_type.partition(";")
+        charset = next((v.strip() for k, _, v in (p.partition("=") for p in params.split(";"))
+                        if k.strip().lower() == "charset"), None)
         return func.HttpResponse(
             body,
             status_code=int(http.status_code or 200),
             headers=headers,
-            mimetype=next((v for k, v in headers.items() if k.lower() == "content-type"), None),
+            mimetype=mimetype.strip() or None,
+            charset=charset,
         )
 
     async def _call(self, fn: LoadedFunction, trigger: Any, metadata: Mapping[str, Any] | None = None) -> _Result:

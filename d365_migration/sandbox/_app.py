@@ -19,6 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ._catalog import product_mapping
 from ._config import SandboxConfig
 from ._faults import SlidingWindow, is_app_only, jwt_payload
+from ._products import product_routes
 from ._state import ApiError, SandboxState, link
 
 JSON_CT = "application/json; charset=utf-8"
@@ -148,12 +149,6 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
                             headers={"Location": f"/v1/customers/{cid}/subscriptions/{sid}"})
         return _json(200, sub)
 
-    async def availabilities(request: Request) -> Response:
-        q = _query(request)
-        pid, sku = p(request, "pid"), p(request, "skuid")
-        items = state.availabilities_json(pid, sku, q.get("country"), q.get("targetsegment"))
-        return _json(200, _collection(items, f"/products/{pid}/skus/{sku}/availabilities?country={q.get('country')}"))
-
     async def provisioning(request: Request) -> Response:
         return _json(200, state.provisioning_status(p(request, "cid"), p(request, "sid")))
 
@@ -234,7 +229,6 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
         Route(f"{base}/users/{{uid}}/licenses", _api(licenses), methods=["GET"]),
         Route(f"{base}/users/{{uid}}/licenseupdates", _api(license_updates), methods=["POST"]),
         Route(f"{base}/subscribedskus", _api(subscribed_skus), methods=["GET"]),
-        Route("/v1/products/{pid}/skus/{skuid}/availabilities", _api(availabilities), methods=["GET"]),
     ]
 
 
@@ -298,7 +292,7 @@ class SandboxApp:
         state.config = config
         self.general = SlidingWindow()
         self.license = SlidingWindow()
-        self.router = Router(routes=_partner_routes(state, config))
+        self.router = Router(routes=_partner_routes(state, config) + product_routes(state))
         self.admin = Router(routes=_admin_routes(self))
         self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
         self.long_throttled = 0  # answers given with config.long_retry_after_s

@@ -22,6 +22,9 @@ from ._catalog import ALL_SKUS, CATALOG, CatalogItem, ProductSku, catalog_item
 from ._config import SandboxConfig
 
 KNOWN_PATCH_STATUSES = {"active", "suspended", "deleted"}
+# New-commerce license-based subscriptions can be cancelled within 7 days (168 hours) of purchase (Learn:
+# partner-center/customers/new-commerce-cancellation-policy).
+CANCELLATION_WINDOW_S = 7 * 24 * 3600
 
 
 class ApiError(Exception):
@@ -154,7 +157,7 @@ class Subscription:
             out["termDuration"] = self.term_duration or "P1Y"
             out["renewalTermDuration"] = self.term_duration or "P1Y" if self.auto_renew else ""
             out["commitmentEndDateTime"] = self.commitment_end.replace("T00:00:00Z", "T23:59:59Z")
-            out["cancellationAllowedUntilDate"] = iso(self.creation + 7 * 86400)
+            out["cancellationAllowedUntilDate"] = iso(self.creation + CANCELLATION_WINDOW_S)
             out["refundOptions"] = []
             out["links"] = {
                 "product": link(f"/products/{product_id}?country=US"),
@@ -431,37 +434,6 @@ class SandboxState:
         product, sku, base = item.id.split(":")
         return item, parts[2].lower() == self.availability_id(product, sku, base).lower()
 
-    def availabilities_json(self, product_id: str, sku_id: str, country: str | None,
-                            segment: str | None) -> list[dict[str, Any]]:
-        """get-a-list-of-availabilities-for-a-sku: a collection of Availability with ``terms``."""
-        if not country:
-            raise ApiError(400, 800002, "Invalid request input: country is required.")
-        with self.lock:
-            prefix = f"{product_id}:{sku_id}:".lower()
-            out = []
-            for item in CATALOG.values():
-                if not item.is_nce or not item.id.lower().startswith(prefix):
-                    continue
-                product, sku, base = item.id.split(":")
-                seg = {"faculty": "education", "students": "education", "government": "government"}.get(
-                    item.audience or "", "commercial")
-                if segment and segment.lower() != seg:
-                    continue
-                avail = self.availability_id(product, sku, base)
-                term = item.term_duration or "P1Y"
-                cycles = ["Monthly", "Annual"] if term != "P1M" else ["Monthly"]
-                out.append({
-                    "id": avail, "productId": product, "skuId": sku, "catalogItemId": f"{product}:{sku}:{avail}",
-                    "defaultCurrency": {"code": "USD", "symbol": "$"}, "segment": seg, "country": country.upper(),
-                    "isPurchasable": item.purchasable, "isRenewable": True,
-                    "terms": [{"duration": term, "description": f"{term} commitment billed {c.lower()}",
-                               "billingCycle": c} for c in cycles],
-                    "links": {"self": link(f"/products/{product}/skus/{sku}/availabilities/{avail}"
-                                           f"?country={country.upper()}")},
-                    "attributes": {"objectType": "Availability"},
-                })
-            return out
-
     def _provision(self, order: Order) -> None:
         c = self._customers[order.customer_id.lower()]
         for li in order.line_items:
@@ -613,7 +585,7 @@ class SandboxState:
                 raise ApiError(400, 800096, f"Can't update the status for subscription {s.id} ({s.status}).")
             else:
                 if new_status == "deleted":
-                    raise ApiError(400, 800096, f"Can't update the status for subscription {s.id}.")
+                    self._check_cancellation_window(s)
                 qty = ci_get(body, "quantity")
                 if qty is not None:
                     if not isinstance(qty, int) or isinstance(qty, bool) or qty < 1:
@@ -652,6 +624,25 @@ class SandboxState:
             self._patches.append(rec)
             self._event("subscription_patched", **{k: v for k, v in rec.items() if k != "time"})
             return s.to_json(c.id)
+
+    def _check_cancellation_window(self, s: Subscription) -> None:
+        """PATCH ``status: deleted`` cancels a new-commerce subscription only inside its cancellation window (7 days
+        = 168 hours from purchase, the ``cancellationAllowedUntilDate`` the subscription shows); after it, and for
+        legacy subscriptions, "the API will throw an error". Learn: partner-center/developer/
+        cancel-an-azure-marketplace-subscription and partner-center/customers/new-commerce-cancellation-policy."""
+        if not s.is_nce:
+            raise ApiError(400, 800096, f"Can't update the status for subscription {s.id}: only new-commerce "
+                                        "subscriptions can be cancelled; suspend a legacy subscription instead.")
+        if self.clock() > s.creation + CANCELLATION_WINDOW_S:
+            raise ApiError(400, 800096, f"Can't update the status for subscription {s.id}: the cancellation window "
+                                        f"ended at {iso(s.creation + CANCELLATION_WINDOW_S)}.")
+
+    def age_subscription(self, customer_id: str, subscription_id: str, seconds: float) -> None:
+        """Test/ops helper: make a subscription ``seconds`` older (its creation date and cancellation window move)."""
+        with self.lock:
+            s = self._sub(self._customer(customer_id), subscription_id)
+            s.creation -= seconds
+            s.etag_version += 1
 
     # ------------------------------------------------------------------ orders
     def _line_item_offer(self, offer_id: Any, *, cart: bool, stale_ok: bool = False) -> CatalogItem:

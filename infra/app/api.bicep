@@ -39,16 +39,13 @@ param partnerCenterTenantId string
 param partnerCenterClientId string
 param partnerCenterEndpoint string
 param partnerCenterAuthority string
-param dryRun bool
 param replacementOffers string
 param replacementBillingCycle string
 param replacementTermDuration string
 param detectSchedule string
 param expiryWindowDays int
 param retiredOffersExtra string
-param customerAllowlist string
 param customerDenylist string
-param maxPurchasesPerRun int
 param partnerCenterRequestsPerMinute int
 param partnerCenterLicenseRequestsPerMinute int
 param partnerCenterMaxConcurrency int
@@ -150,17 +147,20 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PARTNER_CENTER_REFRESH_TOKEN: '@Microsoft.KeyVault(SecretUri=${keyVaultUri}secrets/partner-center-refresh-token/)'
     KEY_VAULT_URL: keyVaultUri
 
-    // Behaviour. DRY_RUN stays 'true' unless the deployment explicitly passes dryRun=false.
-    DRY_RUN: dryRun ? 'true' : 'false'
+    // Behaviour. The rollout controls (live or dry run, allow-list or all customers, purchase brake, pause) are NOT
+    // deployment parameters: they are kept in the ledger's table and changed with `python -m d365_migration rollout`,
+    // so a re-deploy cannot widen them. These three values are only the first-deploy defaults (read while nothing
+    // is stored yet), and they are fixed to the safe ones: dry run, no customers, 50 purchases per run.
+    DRY_RUN: 'true'
+    CUSTOMER_ALLOWLIST: ''
+    MAX_PURCHASES_PER_RUN: '50'
     DETECT_SCHEDULE: detectSchedule
     EXPIRY_WINDOW_DAYS: string(expiryWindowDays)
     REPLACEMENT_OFFERS: replacementOffers
     REPLACEMENT_BILLING_CYCLE: replacementBillingCycle
     REPLACEMENT_TERM_DURATION: replacementTermDuration
     RETIRED_OFFERS_EXTRA: retiredOffersExtra
-    CUSTOMER_ALLOWLIST: customerAllowlist
     CUSTOMER_DENYLIST: customerDenylist
-    MAX_PURCHASES_PER_RUN: string(maxPurchasesPerRun)
     LEDGER_TABLE: ledgerTableName
 
     // Throttling and time budgets.
