@@ -19,11 +19,12 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
+from ._budget import Budget, budget_for_path
 from ._context import log_prefix
 from ._exceptions import (
     ClientError,
@@ -48,12 +49,11 @@ from ._models import (
     Subscription,
     get_ci,
 )
-from ._ratelimit import RateLimiter
+from ._ratelimit import Pacer, RateLimiter
 from ._settings import is_guid
 
 logger = logging.getLogger("d365_migration.client")
 
-RateClass = Literal["commerce", "license"]
 _RETRYABLE_STATUS = {408, 500, 502, 503, 504}
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -134,6 +134,7 @@ class PartnerCenterClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
+        limiters: Mapping[Budget, Pacer] | None = None,
         timeout: httpx.Timeout | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -141,9 +142,12 @@ class PartnerCenterClient:
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
         self._credential = credential
-        self._limiters: dict[RateClass, RateLimiter | None] = {
+        # ``limiters`` (one per budget, e.g. the app's shared budgets from _budget.build_pacers) replace the
+        # process-local ones built from the two rates.
+        self._limiters: dict[Budget, Pacer | None] = {
             "commerce": RateLimiter(requests_per_minute, sleep=sleep) if requests_per_minute else None,
             "license": RateLimiter(license_requests_per_minute, sleep=sleep) if license_requests_per_minute else None,
+            **(limiters or {}),
         }
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._max_attempts = max(1, max_attempts)
@@ -205,13 +209,12 @@ class PartnerCenterClient:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         request_id: str | None = None,
-        rate_class: RateClass = "commerce",
         idempotent: bool = True,
         expect_body: bool = True,
     ) -> Any:
         """Send one logical request (with retries) and return the decoded JSON body."""
         request_id = request_id or new_request_id()
-        limiter = self._limiters[rate_class]
+        limiter = self._limiters[budget_for_path(path)]
         content = json.dumps(json_body).encode() if json_body is not None else None
         force_refresh = False
         refreshed = False
@@ -278,11 +281,10 @@ class PartnerCenterClient:
         assert last_error is not None
         raise last_error
 
-    async def fetch_page(self, page: PageRequest, *, rate_class: RateClass, what: str
-                         ) -> tuple[list[Any], PageRequest | None]:
+    async def fetch_page(self, page: PageRequest, *, what: str) -> tuple[list[Any], PageRequest | None]:
         """One page: its ``items`` and the request for the next page (``None`` on the last)."""
         body = await self.request("GET", page.path, params=dict(page.params) or None,
-                                  headers=dict(page.headers) or None, rate_class=rate_class)
+                                  headers=dict(page.headers) or None)
         if not isinstance(body, Mapping):
             raise MalformedResponseError(f"{what} page is not a JSON object", method="GET", path=page.path)
         items = get_ci(body, "items")
@@ -296,12 +298,12 @@ class PartnerCenterClient:
                                          path=page.path)
         return items, nxt
 
-    async def _paged(self, first: PageRequest, rate_class: RateClass, what: str) -> AsyncIterator[list[Any]]:
+    async def _paged(self, first: PageRequest, what: str) -> AsyncIterator[list[Any]]:
         """Yield the ``items`` of each page, following ``links.next`` or the top-level ``continuationToken``."""
         page: PageRequest | None = first
         seen: set[PageRequest] = set()
         while page is not None:
-            items, nxt = await self.fetch_page(page, rate_class=rate_class, what=what)
+            items, nxt = await self.fetch_page(page, what=what)
             yield items
             if nxt is not None and nxt in seen:
                 raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
@@ -316,11 +318,11 @@ class PartnerCenterClient:
         return PageRequest("/v1/customers", (("size", str(page_size)),))
 
     async def customer_page(self, page: PageRequest) -> tuple[list[Customer], PageRequest | None]:
-        items, nxt = await self.fetch_page(page, rate_class="commerce", what="customers")
+        items, nxt = await self.fetch_page(page, what="customers")
         return [Customer.parse(item) for item in items], nxt
 
     async def customer_pages(self, *, page_size: int = 500) -> AsyncIterator[list[Customer]]:
-        async for items in self._paged(self.first_customer_page(page_size), "commerce", "customers"):
+        async for items in self._paged(self.first_customer_page(page_size), "customers"):
             yield [Customer.parse(item) for item in items]
 
     async def list_customers(self, *, page_size: int = 500) -> AsyncIterator[Customer]:
@@ -353,7 +355,7 @@ class PartnerCenterClient:
 
     async def get_provisioning_status(self, customer_id: str, subscription_id: str) -> ProvisioningStatus:
         path = self._sub_path(customer_id, subscription_id) + "/provisioningstatus"
-        return ProvisioningStatus.parse(await self.request("GET", path, rate_class="license"))
+        return ProvisioningStatus.parse(await self.request("GET", path))
 
     def _sub_path(self, customer_id: str, subscription_id: str) -> str:
         return (f"/v1/customers/{_segment(customer_id, 'customer id')}/subscriptions/"
@@ -416,23 +418,23 @@ class PartnerCenterClient:
                            (("size", str(page_size)),))
 
     async def user_page(self, page: PageRequest) -> tuple[list[CustomerUser], PageRequest | None]:
-        items, nxt = await self.fetch_page(page, rate_class="license", what="users")
+        items, nxt = await self.fetch_page(page, what="users")
         return [CustomerUser.parse(item) for item in items], nxt
 
     async def list_users(self, customer_id: str, *, page_size: int = 100) -> AsyncIterator[CustomerUser]:
-        async for items in self._paged(self.first_user_page(customer_id, page_size), "license", "users"):
+        async for items in self._paged(self.first_user_page(customer_id, page_size), "users"):
             for item in items:
                 yield CustomerUser.parse(item)
 
     async def get_user_licenses(self, customer_id: str, user_id: str) -> list[License]:
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/users/"
                 f"{_segment(user_id, 'user id')}/licenses")
-        body = await self.request("GET", path, rate_class="license")
+        body = await self.request("GET", path)
         return [License.parse(item) for item in _items(body, "licenses", path)]
 
     async def list_subscribed_skus(self, customer_id: str) -> list[SubscribedSku]:
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/subscribedskus"
-        body = await self.request("GET", path, rate_class="license")
+        body = await self.request("GET", path)
         return [SubscribedSku.parse(item) for item in _items(body, "subscribedskus", path)]
 
     async def update_user_licenses(self, customer_id: str, user_id: str, *, assign: Sequence[str],
@@ -445,8 +447,7 @@ class PartnerCenterClient:
             "licensesToRemove": list(remove),
             "attributes": {"objectType": "LicenseUpdate"},
         }
-        await self.request("POST", path, json_body=body, request_id=request_id, rate_class="license",
-                           expect_body=False)
+        await self.request("POST", path, json_body=body, request_id=request_id, expect_body=False)
 
 
 # ---------------------------------------------------------------------- helpers
