@@ -271,6 +271,13 @@ class SharedBudget:
         self._slots: deque[float] = deque()
         self._lock = asyncio.Lock()
         self._waiting = 0
+        # Claim size: grows (doubling) while every granted slot gets used, shrinks by what expired unused, so a
+        # block matches what this process can really send; many waiting requests take a full block at once.
+        self._size = 1
+        self._wasted_since_claim = False
+        # How long a claim takes (moving average): a block starts that far ahead, so it is not already past when
+        # the answer arrives.
+        self._lead = 0.0
         share = 1.0 if store is None else fallback_share
         # The local pace: the whole budget without a table; the conservative share of it while the table is out.
         self._local = RateLimiter(requests_per_minute * share, safety=headroom, clock=clock, sleep=sleep)
@@ -305,19 +312,31 @@ class SharedBudget:
         if self._store is None:
             return None
         now = self._clock()
+        expired = 0
         while self._slots and self._slots[0] < now - self._catch_up:
             self._slots.popleft()  # its time has passed: the slot is gone, never used late
-            self.stats.expired += 1
+            expired += 1
+        if expired:
+            self.stats.expired += expired
+            self._size = max(1, self._size - expired)
+            self._wasted_since_claim = True
         if self._slots:
             return self._slots.popleft()
         if self.fallback_since is not None and now < self._retry_at:
             return None
-        count = max(1, min(self._waiting, self.max_block))  # a busy process takes a full block, an idle one little
+        await asyncio.sleep(0)  # let requests started in the same breath line up, so the claim sees their number
+        if self.stats.claims and not self._wasted_since_claim:
+            self._size = min(self.max_block, self._size * 2)
+        self._wasted_since_claim = False
+        count = min(self.max_block, max(self._size, self._waiting))
+        started = self._clock()
         try:
-            block = await asyncio.to_thread(self._store.claim, self.budget, count, self.interval, now=self._clock())
+            block = await asyncio.to_thread(self._store.claim, self.budget, count, self.interval,
+                                            now=started + self._lead)
         except RateBudgetUnavailable as exc:
             self._enter_fallback(str(exc))
             return None
+        self._lead = min(1.0, 0.7 * self._lead + 0.3 * max(0.0, self._clock() - started))
         if self.fallback_since is not None:
             logger.warning("event=rate_budget_restored budget=%s after=%.1fs: drawing from the shared budget again",
                            self.budget, self._clock() - self.fallback_since)
