@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             emit(f"| {name} | {b['limit']} | {b['requests']} | {b['best_minute_before_kill']:.3f} | "
                  f"{b['429_before_kill']} | {b['best_minute_after_kill']:.3f} | {b['429_after_kill']} | {rec} |")
             summary.append(f"- 4 workers, all functions, {name} budget: busiest minute "
-                           f"**{b['best_minute_before_kill']:.3f}** of the limit with {b['429_before_kill']} × 429; after one worker was killed "
+                           f"**{b['best_minute_before_kill']:.3f}** of the limit with {b['429_before_kill']} × 429; "
+                           "after one worker was killed "
                            f"{b['best_minute_after_kill']:.3f} with {b['429_after_kill']} × 429, the whole budget in "
                            f"use again {rec} after the kill")
         emit()
