@@ -251,7 +251,7 @@ class SharedBudget:
         block_seconds: float = 1.0,
         fallback_share: float = 0.1,
         retry_store_seconds: float = 5.0,
-        catch_up: float = 0.04,
+        catch_up: float = 0.25,
         keep_blocks: bool = False,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -268,6 +268,8 @@ class SharedBudget:
         self._keep_blocks = keep_blocks
         self._clock = clock
         self._sleep = sleep
+        # A slot may still be used this late (a busy event loop): each slot is used at most once, so any minute
+        # still holds at most (60 + catch_up) / 60 × 98% of the budget.
         self._slots: deque[float] = deque()
         self._lock = asyncio.Lock()
         self._waiting = 0

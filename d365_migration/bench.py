@@ -344,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-max", type=int, default=1000,
                         help="run the one-at-a-time baseline only up to this many customers (it is slow)")
     parser.add_argument("--fleet-customers", type=int, default=840, help="≈500 migrations")
-    parser.add_argument("--fleet-limit", type=int, default=3000, help="commerce budget of the fleet run, req/min")
-    parser.add_argument("--fleet-license-limit", type=int, default=3000, help="user/license budget, req/min")
+    parser.add_argument("--fleet-limit", type=int, default=500,
+                        help="commerce budget of the fleet run, req/min (Partner Center's documented 500)")
+    parser.add_argument("--fleet-license-limit", type=int, default=300,
+                        help="user/license budget, req/min (the app's default)")
     parser.add_argument("--fleet-seconds", type=float, default=170.0)
     parser.add_argument("--kill-at", type=float, default=95.0, help="seconds into the fleet run")
     parser.add_argument("--workers", type=int, default=4)
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         emit()
     if "fleet" not in skip:
         f = run_fleet(args.fleet_customers, args.latency_ms, args.fleet_limit, args.fleet_license_limit, args.workers,
-                      args.fleet_seconds, args.kill_at, 120)
+                      args.fleet_seconds, args.kill_at, 480)
         emit(f"**{f['workers']} local-host worker processes serving all functions at once** (detection of "
              f"{f['customers']} customers and {f['migrations']} migrations in flight, {f['completed']} completed in "
              f"{f['seconds']:.0f} s); worker {f['workers']} SIGKILLed at {f['kill_at']:.0f} s. The sandbox enforces "
