@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._budget import counting_requests
 from ._exceptions import ConcurrencyConflict, ConfigurationError, InvalidMessageError
 from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._settings import Settings
@@ -60,6 +61,7 @@ def build_credential(settings: Settings) -> TokenSource | None:
 
 
 def build_service(settings: Settings, **client_options: Any) -> MigrationService:
+    from ._budget import build_pacers
     from ._catalog import RetiredOfferCatalog
     from ._client import PartnerCenterClient
     from ._pipeline import MigrationService
@@ -70,10 +72,12 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
 
     client_options.setdefault("timeout", httpx.Timeout(float(settings.timeout_seconds),
                                                        connect=min(10.0, float(settings.timeout_seconds))))
+    # Every instance and function draws from the same two budgets, kept in the app's storage account.
+    client_options.setdefault("limiters", build_pacers(settings))
     client = PartnerCenterClient(
         settings.endpoint, credential,
-        requests_per_minute=settings.instance_requests_per_minute,
-        license_requests_per_minute=settings.instance_license_requests_per_minute,
+        requests_per_minute=settings.requests_per_minute,
+        license_requests_per_minute=settings.license_requests_per_minute,
         max_concurrency=settings.max_concurrency,
         **client_options,
     )
@@ -127,6 +131,12 @@ def _poisoned(reason: Exception, queue: str, body: bytes, correlation_id: str | 
                                           "body": body[:4096].decode("utf-8", "replace")}))
 
 
+def _log_cost(step: str, costs: Mapping[str, int], what: str) -> None:
+    """What one invocation spent of each Partner Center budget (``make bench`` adds these up per migration)."""
+    logger.info("event=step_cost step=%s %s commerce=%d license=%d", step, what, costs.get("commerce", 0),
+                costs.get("license", 0))
+
+
 async def run_detect() -> str:
     """The timer: start a detection run (its first customer page goes to ``scan-customers``)."""
     return get_service().start_scan().to_json()
@@ -139,7 +149,11 @@ async def run_scan(body: bytes) -> StepOutputs:
     except InvalidMessageError as exc:
         return _poisoned(exc, SCAN_QUEUE, body)
     try:
-        report = await get_service().scan_page(message)
+        with counting_requests() as costs:
+            try:
+                report = await get_service().scan_page(message)
+            finally:
+                _log_cost("scan", costs, f"run={message.run_id} page={message.page}")
     except ValueError as exc:  # a cursor that is not ours
         return _poisoned(exc, SCAN_QUEUE, body)
     outputs = StepOutputs()
@@ -156,7 +170,11 @@ async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOu
     service = get_service()
     handler = {"purchase": service.purchase, "reassign": service.reassign, "suspend": service.suspend}[step]
     try:
-        result = await handler(message)
+        with counting_requests() as costs:
+            try:
+                result = await handler(message)
+            finally:
+                _log_cost(step, costs, f"correlation={message.correlation_id}")
     except InvalidMessageError as exc:
         return _poisoned(exc, message.queue, body, message.correlation_id)
     except ConcurrencyConflict:

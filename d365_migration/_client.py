@@ -29,11 +29,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
+from ._budget import Budget, budget_for_path
 from ._context import log_prefix
 from ._exceptions import (
     AccessDeniedError,
@@ -70,12 +71,11 @@ from ._models import (
     UpdateAccepted,
     get_ci,
 )
-from ._ratelimit import RateLimiter
+from ._ratelimit import Pacer, RateLimiter
 from ._settings import is_guid
 
 logger = logging.getLogger("d365_migration.client")
 
-RateClass = Literal["commerce", "license"]
 _RETRYABLE_STATUS = {408, 500, 502, 503, 504}
 _SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -220,6 +220,7 @@ class PartnerCenterClient:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_retry_after: float = 120.0,
+        limiters: Mapping[Budget, Pacer] | None = None,
         timeout: httpx.Timeout | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -231,9 +232,12 @@ class PartnerCenterClient:
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
         self._credential = credential
-        self._limiters: dict[RateClass, RateLimiter | None] = {
+        # ``limiters`` (one per budget, e.g. the app's shared budgets from _budget.build_pacers) replace the
+        # process-local ones built from the two rates.
+        self._limiters: dict[Budget, Pacer | None] = {
             "commerce": RateLimiter(requests_per_minute, sleep=sleep) if requests_per_minute else None,
             "license": RateLimiter(license_requests_per_minute, sleep=sleep) if license_requests_per_minute else None,
+            **(limiters or {}),
         }
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._max_attempts = max(1, max_attempts)
@@ -326,7 +330,6 @@ class PartnerCenterClient:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         request_id: RequestIdLike | None = None,
-        rate_class: RateClass = "commerce",
         idempotent: bool = True,
         expect_body: bool = True,
     ) -> Any:
@@ -334,7 +337,7 @@ class PartnerCenterClient:
 
         :raises PartnerCenterError: typed by status and code (see the module docstring)."""
         response = await self._send(method, path, params=params, json_body=json_body, headers=headers,
-                                    request_id=request_id, rate_class=rate_class, idempotent=idempotent)
+                                    request_id=request_id, idempotent=idempotent)
         if not expect_body or not response.content:
             return None
         return _decode(response, method, _path_only(path))
@@ -348,7 +351,6 @@ class PartnerCenterClient:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         request_id: RequestIdLike | None = None,
-        rate_class: RateClass = "commerce",
         idempotent: bool = True,
     ) -> httpx.Response:
         """The retry loop; returns the first 2xx response."""
@@ -357,7 +359,7 @@ class PartnerCenterClient:
         is_write = method.upper() != "GET"
         if explicit_id and is_write:
             self._check_request_id(request_id, method, path)
-        limiter = self._limiters[rate_class]
+        limiter = self._limiters[budget_for_path(path)]
         content = json.dumps(json_body).encode() if json_body is not None else None
         force_refresh = False
         refreshed = False
@@ -433,7 +435,7 @@ class PartnerCenterClient:
         assert last_error is not None
         raise last_error
 
-    async def fetch_page(self, page: PageRequest, *, rate_class: RateClass, what: str
+    async def fetch_page(self, page: PageRequest, *, what: str
                          ) -> tuple[list[Any], PageRequest | None]:
         """One page: its ``items`` and the request for the next page (``None`` on the last).
 
@@ -443,7 +445,7 @@ class PartnerCenterClient:
         get-a-list-of-customers). A continuation page answering that is an empty last page, not an error."""
         try:
             body = await self.request("GET", page.path, params=dict(page.params) or None,
-                                      headers=dict(page.headers) or None, rate_class=rate_class)
+                                      headers=dict(page.headers) or None)
         except ClientError as exc:
             if exc.status == 400 and exc.code == "2000" and page.is_continuation:
                 logger.info("%s%s paging ended with code 2000 (end of data)", log_prefix(), what)
@@ -462,12 +464,12 @@ class PartnerCenterClient:
                                          path=page.path)
         return items, nxt
 
-    async def _paged(self, first: PageRequest, rate_class: RateClass, what: str) -> AsyncIterator[list[Any]]:
+    async def _paged(self, first: PageRequest, what: str) -> AsyncIterator[list[Any]]:
         """Yield the ``items`` of each page, following ``links.next`` or the top-level ``continuationToken``."""
         page: PageRequest | None = first
         seen: set[PageRequest] = set()
         while page is not None:
-            items, nxt = await self.fetch_page(page, rate_class=rate_class, what=what)
+            items, nxt = await self.fetch_page(page, what=what)
             yield items
             if nxt is not None and nxt in seen:
                 raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
@@ -482,11 +484,11 @@ class PartnerCenterClient:
         return PageRequest("/v1/customers", (("size", str(page_size)),))
 
     async def customer_page(self, page: PageRequest) -> tuple[list[Customer], PageRequest | None]:
-        items, nxt = await self.fetch_page(page, rate_class="commerce", what="customers")
+        items, nxt = await self.fetch_page(page, what="customers")
         return [Customer.parse(item) for item in items], nxt
 
     async def customer_pages(self, *, page_size: int = 500) -> AsyncIterator[list[Customer]]:
-        async for items in self._paged(self.first_customer_page(page_size), "commerce", "customers"):
+        async for items in self._paged(self.first_customer_page(page_size), "customers"):
             yield [Customer.parse(item) for item in items]
 
     async def list_customers(self, *, page_size: int = 500) -> AsyncIterator[Customer]:
@@ -577,7 +579,7 @@ class PartnerCenterClient:
         """
         path = self._sub_path(customer_id, subscription_id) + "/provisioningstatus"
         try:
-            body = await self.request("GET", path, rate_class="license")
+            body = await self.request("GET", path)
         except NotFoundError as exc:
             if exc.code == "800007":
                 raise ProvisioningNotReadyError(exc.status, exc.code, exc.description, method=exc.method,
@@ -743,23 +745,23 @@ class PartnerCenterClient:
                            (("size", str(page_size)),))
 
     async def user_page(self, page: PageRequest) -> tuple[list[CustomerUser], PageRequest | None]:
-        items, nxt = await self.fetch_page(page, rate_class="license", what="users")
+        items, nxt = await self.fetch_page(page, what="users")
         return [CustomerUser.parse(item) for item in items], nxt
 
     async def list_users(self, customer_id: str, *, page_size: int = 100) -> AsyncIterator[CustomerUser]:
-        async for items in self._paged(self.first_user_page(customer_id, page_size), "license", "users"):
+        async for items in self._paged(self.first_user_page(customer_id, page_size), "users"):
             for item in items:
                 yield CustomerUser.parse(item)
 
     async def get_user_licenses(self, customer_id: str, user_id: str) -> list[License]:
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/users/"
                 f"{_segment(user_id, 'user id')}/licenses")
-        body = await self.request("GET", path, rate_class="license")
+        body = await self.request("GET", path)
         return [License.parse(item) for item in _items(body, "licenses", path)]
 
     async def list_subscribed_skus(self, customer_id: str) -> list[SubscribedSku]:
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/subscribedskus"
-        body = await self.request("GET", path, rate_class="license")
+        body = await self.request("GET", path)
         return [SubscribedSku.parse(item) for item in _items(body, "subscribedskus", path)]
 
     async def update_user_licenses(self, customer_id: str, user_id: str, *, assign: Sequence[str],
@@ -777,7 +779,7 @@ class PartnerCenterClient:
             "licensesToRemove": list(remove),
             "attributes": {"objectType": "LicenseUpdate"},
         }
-        answer = await self.request("POST", path, json_body=body, request_id=request_id, rate_class="license")
+        answer = await self.request("POST", path, json_body=body, request_id=request_id)
         result = LicenseUpdateResult.parse(answer)
         for warning in result.warnings:
             logger.warning("%sevent=license_warning user=%s code=%s %s", log_prefix(), user_id, warning.code,
@@ -801,7 +803,7 @@ class PartnerCenterClient:
 
     async def _catalog_items(self, path: str, params: tuple[tuple[str, str], ...], what: str) -> list[Any]:
         items: list[Any] = []
-        async for page in self._paged(PageRequest(path, params), "commerce", what):
+        async for page in self._paged(PageRequest(path, params), what):
             items.extend(page)
         return items
 

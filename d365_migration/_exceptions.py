@@ -68,6 +68,11 @@ class ConcurrencyConflict(LedgerError):
     """The record changed since it was read (its ETag no longer matches)."""
 
 
+class RateBudgetUnavailable(MigrationError):
+    """The shared Partner Center request budget (Table Storage) could not be read or claimed from. The limiter
+    catches it and paces conservatively on its own; it never reaches a step."""
+
+
 class AuthenticationError(MigrationError):
     """No Partner Center access token could be obtained. The message says what to run."""
 

@@ -362,16 +362,18 @@ class MigrationService:
         listed: list[Subscription] | None = None
         if record.state == "detected":
             # Right before buying: does the old subscription still qualify? A human may have renewed or
-            # suspended it since detection.
-            old = await self.client.get_subscription(record.customer_id, record.subscription_id)
+            # suspended it since detection. One listing of the customer's subscriptions answers that (it carries
+            # the old one's status and auto-renew) and serves both replacement checks below.
+            listed = await self.client.list_subscriptions(record.customer_id)
+            old = next((s for s in listed if same_id(s.id, record.subscription_id)), None)
+            if old is None:
+                old = await self.client.get_subscription(record.customer_id, record.subscription_id)
             if old.status != "active" or old.auto_renew:
                 why = (f"old subscription is now {old.status}" if old.status != "active"
                        else "old subscription was set to auto-renew")
                 record = await self._save_transition(record, "blocked", "no_longer_qualifies",
                                                      why + " (changed since detection); nothing bought")
                 return StepResult([], record, "blocked")
-            # One listing serves both checks below (untagged replacement, then our own tagged one).
-            listed = await self.client.list_subscriptions(record.customer_id)
             untagged = None if record.buy_anyway else self._untagged_replacement(record, replacement, listed)
             if untagged is not None:
                 record = await self._save_transition(

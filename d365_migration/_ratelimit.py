@@ -4,8 +4,10 @@ Partner Center allows 500 requests per minute per partner tenant for customers, 
 429 + ``Retry-After`` beyond that. Bursting and then eating 429s wastes the budget, so requests are *paced*: each one
 reserves the next free slot on a timeline spaced ``60 / rate`` seconds apart (a GCRA / virtual scheduling limiter,
 no burst). A 429 anywhere slows the whole limiter: every caller waits out ``Retry-After`` and the rate is halved;
-it then grows back additively towards the configured ceiling (AIMD). That is what keeps several instances, each with
-its own limiter, under one shared tenant budget: whoever is throttled backs off, and all converge below the limit.
+it then grows back additively towards the configured ceiling (AIMD).
+
+In the app, this limiter is the per-process safety net behind the budget all instances share through Table Storage
+(:mod:`d365_migration._budget`): it only binds after a 429, or while that table is unreachable.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class Pacer(Protocol):
+    """What the client needs from a limiter: a slot per request attempt, and news of 429s and successes."""
+
+    async def acquire(self) -> None: ...
+
+    def on_throttled(self, retry_after: float) -> None: ...
+
+    def on_success(self) -> None: ...
 
 
 class RateLimiter:

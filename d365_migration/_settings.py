@@ -42,7 +42,9 @@ APP_SETTINGS: tuple[str, ...] = (
     "PARTNER_CENTER_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_MAX_CONCURRENCY",
-    "PARTNER_CENTER_INSTANCES",
+    "PARTNER_CENTER_BUDGET_TABLE",
+    "PARTNER_CENTER_BUDGET_BLOCK_SECONDS",
+    "PARTNER_CENTER_FALLBACK_SHARE",
     "PARTNER_CENTER_TIMEOUT_SECONDS",
     "MAX_PURCHASES_PER_RUN",
     "CUSTOMER_ALLOWLIST",
@@ -188,7 +190,12 @@ class Settings:
     requests_per_minute: int = 500
     license_requests_per_minute: int = 300
     max_concurrency: int = 16
-    instances: int = 1  # how many app instances share the tenant budget (the scale-out cap)
+    # The budgets above belong to the partner tenant and are shared by every instance through this table
+    # (see _budget.py); a claim takes about this many seconds of a budget; while the table is unreachable an instance
+    # paces itself at this share of each budget.
+    budget_table: str = "partnercenterbudget"
+    budget_block_seconds: float = 1.0
+    fallback_share: float = 0.1
     timeout_seconds: int = 60  # per Partner Center request (connect: 10 s)
     max_purchases_per_run: int = 50
     customer_allowlist: frozenset[str] = frozenset()
@@ -198,16 +205,6 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         return load_settings(os.environ if env is None else env)
-
-    @property
-    def instance_requests_per_minute(self) -> float:
-        """This instance's share of the tenant budget: Partner Center counts per partner tenant, and every instance
-        runs its own limiter, so the budget is split across the capped instance count."""
-        return self.requests_per_minute / self.instances
-
-    @property
-    def instance_license_requests_per_minute(self) -> float:
-        return self.license_requests_per_minute / self.instances
 
     def customer_in_scope(self, customer_id: str) -> bool:
         cid = customer_id.lower()
@@ -240,6 +237,29 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maxim
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
         raise ConfigurationError(name, f"{value} is out of range", f"use a number {bound}")
     return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigurationError(name, f"{raw!r} is not a number", f"use a number between {minimum:g} and "
+                                 f"{maximum:g}") from None
+    if not minimum <= value <= maximum:  # also refuses nan
+        raise ConfigurationError(name, f"{value:g} is out of range", f"use a number between {minimum:g} and "
+                                 f"{maximum:g}")
+    return value
+
+
+def _table_name(env: Mapping[str, str], name: str, default: str) -> str:
+    table = (env.get(name) or default).strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", table):
+        raise ConfigurationError(name, f"{table!r} is not a valid table name",
+                                 "use 3-63 letters and digits, starting with a letter")
+    return table
 
 
 def _guid_set(env: Mapping[str, str], name: str) -> frozenset[str]:
@@ -294,10 +314,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     term = (env.get("REPLACEMENT_TERM_DURATION") or "P1Y").strip().upper()
     if not re.fullmatch(r"P\d+[MY]", term):
         raise ConfigurationError("REPLACEMENT_TERM_DURATION", f"{term!r} is not an ISO 8601 term", "use P1M or P1Y")
-    table = (env.get("LEDGER_TABLE") or "migrations").strip()
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", table):
-        raise ConfigurationError("LEDGER_TABLE", f"{table!r} is not a valid table name",
-                                 "use 3-63 letters and digits, starting with a letter")
+    table = _table_name(env, "LEDGER_TABLE", "migrations")
+    budget_table = _table_name(env, "PARTNER_CENTER_BUDGET_TABLE", "partnercenterbudget")
+    if budget_table.lower() == table.lower():
+        raise ConfigurationError("PARTNER_CENTER_BUDGET_TABLE", f"{budget_table!r} is the ledger's table",
+                                 "give the shared request budget a table of its own (default partnercenterbudget)")
     authority = (env.get("PARTNER_CENTER_AUTHORITY") or DEFAULT_AUTHORITY).strip().rstrip("/")
     if urlsplit(authority).scheme != "https" and not is_loopback_url(authority):
         raise ConfigurationError("PARTNER_CENTER_AUTHORITY", "must be https", f"use {DEFAULT_AUTHORITY}")
@@ -330,7 +351,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),
-        instances=_int(env, "PARTNER_CENTER_INSTANCES", 1, minimum=1, maximum=1000),
+        budget_table=budget_table,
+        budget_block_seconds=_float(env, "PARTNER_CENTER_BUDGET_BLOCK_SECONDS", 1.0, minimum=0.1, maximum=30.0),
+        fallback_share=_float(env, "PARTNER_CENTER_FALLBACK_SHARE", 0.1, minimum=0.01, maximum=1.0),
         timeout_seconds=_int(env, "PARTNER_CENTER_TIMEOUT_SECONDS", 60, minimum=1, maximum=600),
         max_purchases_per_run=_int(env, "MAX_PURCHASES_PER_RUN", 50, minimum=0),
         customer_allowlist=_guid_set(env, "CUSTOMER_ALLOWLIST"),

@@ -38,6 +38,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from ._app import build_credential
+    from ._budget import build_pacers
     from ._catalog import RetiredOfferCatalog
     from ._client import PartnerCenterClient
     from ._ledger import utcnow
@@ -48,9 +49,11 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     left: list[dict[str, Any]] = []
     customers = 0
     errors: list[str] = []
+    # With a storage account configured, the plan draws from the budget the deployed app shares (same tenant).
     async with PartnerCenterClient(settings.endpoint, build_credential(settings),
                                    requests_per_minute=settings.requests_per_minute,
                                    license_requests_per_minute=settings.license_requests_per_minute,
+                                   limiters=build_pacers(settings),
                                    max_concurrency=settings.max_concurrency) as client:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=_console(sys.stderr),
                       transient=True, disable=fmt != "table" or not sys.stderr.isatty()) as progress:

@@ -87,11 +87,11 @@ param retiredOffersExtra string = ''
 @description('CUSTOMER_DENYLIST: comma-separated customer tenant ids never touched.')
 param customerDenylist string = ''
 
-@description('PARTNER_CENTER_REQUESTS_PER_MINUTE: client-side budget for general Partner Center calls.')
+@description('PARTNER_CENTER_REQUESTS_PER_MINUTE: the partner tenant\'s budget for customer, subscription, order and cart calls, shared by all instances and functions.')
 @minValue(1)
 param partnerCenterRequestsPerMinute int = 500
 
-@description('PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE: client-side budget for license (assign/remove) calls.')
+@description('PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE: the partner tenant\'s budget for user, license and subscribed-SKU calls, shared by all instances and functions.')
 @minValue(1)
 param partnerCenterLicenseRequestsPerMinute int = 300
 
@@ -116,13 +116,16 @@ param invocationBudgetSeconds int = 480
 @description('LEDGER_TABLE: Azure Table holding the per-subscription migration ledger.')
 param ledgerTableName string = 'migrations'
 
+@description('PARTNER_CENTER_BUDGET_TABLE: Azure Table through which all instances share the Partner Center request budgets.')
+param partnerCenterBudgetTableName string = 'partnercenterbudget'
+
 // ---- Scale, alerts, package --------------------------------------------------------------------------------------
 
 // Scale-out cap. Partner Center throttles per PARTNER tenant (all callers of one partner share one budget), so
-// more instances do not mean more throughput. The app splits the PARTNER_CENTER_*_REQUESTS_PER_MINUTE budgets
-// (the tenant's) by this number (PARTNER_CENTER_INSTANCES), so all instances together stay within them; a 429 still
-// halves an instance's pace (AIMD) as a safety net. Note: values below 40 were rolled out region by region in 2026;
-// if a region rejects the value, 40 works too (each instance then gets 1/40 of the budget).
+// more instances do not mean more throughput. The request budget does NOT depend on this number: every instance of
+// every function draws from the same PARTNER_CENTER_*_REQUESTS_PER_MINUTE budgets through a table in the app's
+// storage account (Flex scales each function on its own, so a cap is not a count of the app's instances). Note:
+// values below 40 were rolled out region by region in 2026; if a region rejects the value, 40 works too.
 @description('Flex Consumption maximumInstanceCount. Kept small on purpose: Partner Center rate limits are per partner tenant.')
 @minValue(1)
 @maxValue(1000)
@@ -168,6 +171,7 @@ module storage 'app/storage.bicep' = {
     location: location
     tags: tags
     ledgerTableName: ledgerTableName
+    budgetTableName: partnerCenterBudgetTableName
   }
 }
 
@@ -241,6 +245,7 @@ module api 'app/api.bicep' = {
     provisioningTimeoutMinutes: provisioningTimeoutMinutes
     invocationBudgetSeconds: invocationBudgetSeconds
     ledgerTableName: ledgerTableName
+    partnerCenterBudgetTableName: partnerCenterBudgetTableName
   }
 }
 

@@ -105,7 +105,7 @@ async def test_a_first_page_answering_2000_is_still_an_error(sandbox: SandboxSer
     async with client_for(sandbox) as client:
         page = client.first_customer_page(5)
         assert not page.is_continuation
-        items, nxt = await client.fetch_page(page, rate_class="commerce", what="customers")
+        items, nxt = await client.fetch_page(page, what="customers")
         assert items and nxt is not None and nxt.is_continuation
 
 

@@ -75,6 +75,9 @@ EXPECTED_DEFAULTS: dict[str, tuple[str, str | None]] = {
     "PARTNER_CENTER_REQUESTS_PER_MINUTE": ("500", "requests_per_minute"),
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": ("300", "license_requests_per_minute"),
     "PARTNER_CENTER_MAX_CONCURRENCY": ("16", "max_concurrency"),
+    "PARTNER_CENTER_BUDGET_TABLE": ("partnercenterbudget", "budget_table"),
+    "PARTNER_CENTER_BUDGET_BLOCK_SECONDS": ("1.0", "budget_block_seconds"),
+    "PARTNER_CENTER_FALLBACK_SHARE": ("0.1", "fallback_share"),
     "MAX_PURCHASES_PER_RUN": ("50", "max_purchases_per_run"),
     "CUSTOMER_ALLOWLIST": ("", None),
     "CUSTOMER_DENYLIST": ("", None),
@@ -845,17 +848,37 @@ def test_queues_used_by_the_code_and_bindings_are_declared() -> None:
     assert used - names == set(), f"queues used but not declared in storage.bicep: {sorted(used - names)}"
 
 
-def test_ledger_table_is_declared() -> None:
+def _declared_tables() -> dict[str, str]:
+    """storage.bicep's tables: default table name -> the main.bicep parameter it comes from."""
     storage = bicep("app/storage.bicep")
-    [table] = storage.resources("Microsoft.Storage/storageAccounts/tableServices/tables")
-    name = table.body.entries()["name"]
-    if name in storage.params():
-        passed = bicep("main.bicep").module("storage").block("params").entries()
-        assert passed.get(name) == "ledgerTableName", "main.bicep must pass its ledgerTableName to storage.bicep"
-        name = bicep("main.bicep").params()["ledgerTableName"].default or ""
-    assert literal(name) == "migrations"
+    passed = bicep("main.bicep").module("storage").block("params").entries()
+    tables = {}
+    for table in storage.resources("Microsoft.Storage/storageAccounts/tableServices/tables"):
+        name = table.body.entries()["name"]
+        assert name in storage.params(), "table names must be parameters passed by main.bicep"
+        main_param = passed.get(name, "")
+        assert main_param in bicep("main.bicep").params(), f"main.bicep must pass {name} to storage.bicep"
+        tables[literal(bicep("main.bicep").params()[main_param].default or "")] = main_param
+    return tables
+
+
+def test_ledger_table_is_declared() -> None:
+    tables = _declared_tables()
+    assert tables.get("migrations") == "ledgerTableName", "main.bicep must pass its ledgerTableName to storage.bicep"
     assert app_settings()["LEDGER_TABLE"] == "ledgerTableName"
     assert bicep("main.bicep").module("api").block("params").entries()["ledgerTableName"] == "ledgerTableName"
+
+
+def test_shared_request_budget_table_is_declared_and_not_derived_from_the_scale_out_cap() -> None:
+    tables = _declared_tables()
+    assert tables.get("partnercenterbudget") == "partnerCenterBudgetTableName"
+    assert app_settings()["PARTNER_CENTER_BUDGET_TABLE"] == "partnerCenterBudgetTableName"
+    assert (bicep("main.bicep").module("api").block("params").entries()["partnerCenterBudgetTableName"]
+            == "partnerCenterBudgetTableName")
+    # The budget is the tenant's, shared through the table: no app setting may be computed from the instance cap.
+    derived = {k: v for k, v in app_settings().items() if "maximumInstanceCount" in v}
+    assert derived == {}, f"app settings derived from the scale-out cap: {derived}"
+    assert "PARTNER_CENTER_INSTANCES" not in app_settings()
 
 
 def test_deployment_container_is_declared() -> None:

@@ -20,7 +20,7 @@ param appInsightsConnectionString string
 @description('Vault URI with trailing slash, e.g. https://kv-x.vault.azure.net/')
 param keyVaultUri string
 
-// Partner Center rate limits apply per partner tenant, so extra instances only add 429s; see main.bicep.
+// Partner Center rate limits apply per partner tenant; the app shares them through a table, whatever this is.
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int
@@ -53,6 +53,7 @@ param provisioningPollSeconds int
 param provisioningTimeoutMinutes int
 param invocationBudgetSeconds int
 param ledgerTableName string
+param partnerCenterBudgetTableName string
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   name: planName
@@ -167,8 +168,12 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PARTNER_CENTER_REQUESTS_PER_MINUTE: string(partnerCenterRequestsPerMinute)
     PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE: string(partnerCenterLicenseRequestsPerMinute)
     PARTNER_CENTER_MAX_CONCURRENCY: string(partnerCenterMaxConcurrency)
-    // The per-minute budgets above are the partner tenant's; each instance takes 1/maximumInstanceCount of them.
-    PARTNER_CENTER_INSTANCES: string(maximumInstanceCount)
+    // The per-minute budgets above are the partner tenant's: every instance and function claims short blocks of
+    // them from this table (ETag-checked), so together they never exceed them, however the platform scales.
+    PARTNER_CENTER_BUDGET_TABLE: partnerCenterBudgetTableName
+    PARTNER_CENTER_BUDGET_BLOCK_SECONDS: '1.0'
+    // While that table is unreachable, an instance paces itself at this share of each budget (and logs it).
+    PARTNER_CENTER_FALLBACK_SHARE: '0.1'
     PARTNER_CENTER_TIMEOUT_SECONDS: '60'
     PROVISIONING_POLL_SECONDS: string(provisioningPollSeconds)
     PROVISIONING_TIMEOUT_MINUTES: string(provisioningTimeoutMinutes)

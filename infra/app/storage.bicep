@@ -7,6 +7,9 @@ param tags object = {}
 @description('Table for the migration ledger (LEDGER_TABLE).')
 param ledgerTableName string = 'migrations'
 
+@description('Table through which all instances share the Partner Center request budgets (PARTNER_CENTER_BUDGET_TABLE).')
+param budgetTableName string = 'partnercenterbudget'
+
 @description('Blob container Flex Consumption deploys the app package from.')
 param deploymentContainerName string = 'app-package'
 
@@ -77,6 +80,11 @@ resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-0
 resource ledgerTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
   parent: tableService
   name: ledgerTableName
+}
+
+resource budgetTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: tableService
+  name: budgetTableName
 }
 
 output id string = storage.id
