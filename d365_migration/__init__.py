@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "get_service": "_app",
     "run_detect": "_app",
     "run_scan": "_app",
+    "run_status": "_app",
     "run_step": "_app",
     "RetiredOffer": "_catalog",
     "RetiredOfferCatalog": "_catalog",
@@ -44,9 +45,9 @@ _EXPORTS: dict[str, str] = {
     "UserOutcome": "_ledger",
     "QUEUE_FOR_STEP": "_messages",
     "StepMessage": "_messages",
-    "DetectReport": "_pipeline",
-    "MigrationService": "_pipeline",
-    "StepResult": "_pipeline",
+    "DetectReport": "steps",
+    "MigrationService": "steps",
+    "StepResult": "steps",
     "QueueSender": "_queues",
     "APP_SETTINGS": "_settings",
     "ReplacementOffers": "_settings",
@@ -86,6 +87,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._app import (
         run_scan as run_scan,
+    )
+    from ._app import (
+        run_status as run_status,
     )
     from ._app import (
         run_step as run_step,
@@ -174,15 +178,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._messages import (
         StepMessage as StepMessage,
     )
-    from ._pipeline import (
-        DetectReport as DetectReport,
-    )
-    from ._pipeline import (
-        MigrationService as MigrationService,
-    )
-    from ._pipeline import (
-        StepResult as StepResult,
-    )
     from ._queues import (
         QueueSender as QueueSender,
     )
@@ -197,4 +192,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._settings import (
         load_settings as load_settings,
+    )
+    from .steps import (
+        DetectReport as DetectReport,
+    )
+    from .steps import (
+        MigrationService as MigrationService,
+    )
+    from .steps import (
+        StepResult as StepResult,
     )

@@ -1,39 +1,65 @@
 """Building the service from settings, once per process (per event loop), and running one step for an adapter.
 
-Function folders call :func:`run_detect` and :func:`run_step`; they only translate between the trigger/bindings and
-these plain values. Messages that can never succeed go straight to ``<queue>-poison`` with the reason (no five
-retries); a message that fails on its last allowed delivery marks its record ``failed`` before the host poisons it.
+Function folders call :func:`run_detect`, :func:`run_scan`, :func:`run_step` and :func:`run_status`; they only
+translate between the trigger/bindings and these plain values. ``status`` needs only the ledger: it never builds the
+Partner Center client or its credential, so the page still works when those are broken.
+
+Messages that can never succeed go straight to ``<queue>-poison`` with the reason (no five retries); a message that
+fails on its last allowed delivery marks its record ``failed`` before the host poisons it (``steps/_runner.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConcurrencyConflict, ConfigurationError, InvalidMessageError
+from ._exceptions import ConfigurationError, InvalidMessageError
 from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._settings import Settings
 
 if TYPE_CHECKING:  # the heavy modules (httpx, Storage SDKs) load on first use, not at import: faster cold start
     from ._client import TokenSource
-    from ._ledger import MigrationLedger
-    from ._pipeline import MigrationService
+    from ._ledger import MigrationLedger, MigrationRecord
     from ._queues import QueueSender
+    from .steps import MigrationService
+
+__all__ = [
+    "StepOutputs",
+    "build_credential",
+    "build_service",
+    "get_service",
+    "max_dequeue_count",
+    "open_storage",
+    "read_records",
+    "run_detect",
+    "run_scan",
+    "run_status",
+    "run_step",
+    "storage_clients",
+]
 
 logger = logging.getLogger("d365_migration.app")
 
 _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MigrationService] = weakref.WeakKeyDictionary()
+# The status page's own ledger per loop: it must not depend on the Partner Center side being buildable.
+_status_ledgers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Settings, MigrationLedger]] = (
+    weakref.WeakKeyDictionary())
 
 
 def storage_clients(settings: Settings) -> tuple[MigrationLedger, QueueSender]:
+    """The ledger and the queue sender for ``settings``' storage account.
+
+    :raises ConfigurationError: no storage connection is configured.
+    """
     from ._ledger import MigrationLedger
     from ._queues import QueueSender
 
@@ -62,7 +88,7 @@ def build_credential(settings: Settings) -> TokenSource | None:
 def build_service(settings: Settings, **client_options: Any) -> MigrationService:
     from ._catalog import RetiredOfferCatalog
     from ._client import PartnerCenterClient
-    from ._pipeline import MigrationService
+    from .steps import MigrationService
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
     credential = build_credential(settings)
@@ -79,6 +105,23 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
     )
     ledger, queues = storage_clients(settings)
     return MigrationService(settings, client, ledger, queues, catalog)
+
+
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[tuple[MigrationLedger, QueueSender]]:
+    """The ledger and queue sender for one command (CLI, demo), closed afterwards."""
+    ledger, queues = storage_clients(settings)
+    try:
+        yield ledger, queues
+    finally:
+        ledger.close()
+        queues.close()
+
+
+async def read_records(settings: Settings) -> list[MigrationRecord]:
+    """Every migration record in the ledger (no Partner Center involved)."""
+    async with open_storage(settings) as (ledger, _queues):
+        return await ledger.list_records()
 
 
 def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
@@ -149,26 +192,48 @@ async def run_scan(body: bytes) -> StepOutputs:
 
 
 async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOutputs:
+    """One record step for a queue-triggered function: the next steps' messages, or a poison message.
+
+    :raises Exception: whatever the step could not handle; the host retries the message (on its last delivery the
+        record is marked failed first).
+    """
     try:
         message = StepMessage.parse(body, expected_step=step)
     except InvalidMessageError as exc:
         return _poisoned(exc, QUEUE_FOR_STEP[step], body)
-    service = get_service()
-    handler = {"purchase": service.purchase, "reassign": service.reassign, "suspend": service.suspend}[step]
+    last_delivery = (dequeue_count or 1) >= max_dequeue_count()
     try:
-        result = await handler(message)
+        result = await get_service().run(message, last_delivery=last_delivery)
     except InvalidMessageError as exc:
         return _poisoned(exc, message.queue, body, message.correlation_id)
-    except ConcurrencyConflict:
-        raise  # another invocation changed the record: not this migration's failure, never mark it failed
-    except Exception as exc:
-        if (dequeue_count or 1) >= max_dequeue_count():
-            # Last delivery: the host will move the message to <queue>-poison. Say why in the ledger first.
-            logger.error("event=message_poisoned queue=%s correlation=%s after %s deliveries: %s", message.queue,
-                         message.correlation_id, dequeue_count, exc)
-            await service.fail(message, f"{type(exc).__name__}: {exc}")
-        raise
     outputs = StepOutputs()
     for nxt in result.next_messages:
         outputs.messages.setdefault(nxt.queue, []).append(nxt.to_json())
     return outputs
+
+
+def _status_ledger() -> tuple[Settings, MigrationLedger]:
+    from ._ledger import MigrationLedger
+
+    loop = asyncio.get_running_loop()
+    cached = _status_ledgers.get(loop)
+    if cached is None:
+        settings = Settings.from_env()
+        if settings.storage_connection:
+            ledger = MigrationLedger.from_connection_string(settings.storage_connection, settings.ledger_table)
+        else:
+            ledger, queues = storage_clients(settings)
+            queues.close()
+        cached = _status_ledgers[loop] = (settings, ledger)
+    return cached
+
+
+async def run_status() -> dict[str, Any]:
+    """The ``status`` page's document: read from the ledger only (no Partner Center client, no credential).
+
+    :raises ConfigurationError: no storage connection is configured.
+    """
+    from ._status import load_status
+
+    settings, ledger = _status_ledger()
+    return await load_status(ledger, dry_run=settings.dry_run)

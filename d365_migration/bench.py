@@ -125,7 +125,7 @@ def run_scan(n: int, latency_ms: int, limit: int, mode: str) -> dict[str, Any]:
 def run_chain(customers: int, latency_ms: int, limit: int) -> dict[str, Any]:
     from ._ledger import MigrationLedger
     from ._settings import Settings
-    from .cli import run_pipeline
+    from .demo import run_pipeline
     from .localhost import AzuriteProcess
     from .sandbox import DEMO_REPLACEMENT_OFFERS
 
