@@ -36,6 +36,7 @@ __all__ = [
     "StepOutputs",
     "build_credential",
     "build_service",
+    "forget_services",
     "get_service",
     "max_dequeue_count",
     "open_storage",
@@ -135,6 +136,14 @@ def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
         logger.info("d365_migration ready: endpoint=%s auth=%s dry_run=%s", settings.endpoint, settings.auth,
                     settings.dry_run)
     return service
+
+
+def forget_services() -> None:
+    """Drop the per-loop services and status ledgers and the cached host.json limit; the next invocation builds
+    them again from the environment (tests, and a host that reloads its settings)."""
+    _services.clear()
+    _status_ledgers.clear()
+    _host_json_max_dequeue_count.cache_clear()
 
 
 def max_dequeue_count() -> int:

@@ -18,6 +18,13 @@ from typing import Any
 from ._exceptions import ConfigurationError
 from ._settings import AUDIENCES, FAMILIES, is_guid
 
+__all__ = [
+    "CHANNELS",
+    "RetiredOffer",
+    "RetiredOfferCatalog",
+    "normalize_offer_name",
+]
+
 CHANNELS = ("CRMOL Basic", "From SA", "Add-On")
 
 

@@ -51,6 +51,16 @@ from ._models import (
 from ._ratelimit import RateLimiter
 from ._settings import is_guid
 
+__all__ = [
+    "PageRequest",
+    "PartnerCenterClient",
+    "RateClass",
+    "RequestStats",
+    "TokenSource",
+    "deterministic_request_id",
+    "new_request_id",
+]
+
 logger = logging.getLogger("d365_migration.client")
 
 RateClass = Literal["commerce", "license"]

@@ -23,6 +23,25 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "AuthenticationError",
+    "ClientError",
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "ConflictError",
+    "InvalidMessageError",
+    "LedgerError",
+    "MalformedResponseError",
+    "MigrationError",
+    "NotFoundError",
+    "PartnerCenterApiError",
+    "PartnerCenterError",
+    "PreconditionFailedError",
+    "ServerError",
+    "ThrottledError",
+    "TransportError",
+]
+
 
 class MigrationError(Exception):
     """Base class of the errors this package raises."""

@@ -32,6 +32,17 @@ from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from ._exceptions import ConcurrencyConflict, LedgerError
 
+__all__ = [
+    "FINAL_STATES",
+    "STATES",
+    "MigrationLedger",
+    "MigrationRecord",
+    "UserOutcome",
+    "correlation_id_for",
+    "record_key",
+    "utcnow",
+]
+
 logger = logging.getLogger("d365_migration.ledger")
 
 STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed")

@@ -15,6 +15,24 @@ from typing import Any
 
 from ._exceptions import MalformedResponseError
 
+__all__ = [
+    "Cart",
+    "CheckoutResult",
+    "Customer",
+    "CustomerUser",
+    "License",
+    "Order",
+    "OrderError",
+    "OrderLineItem",
+    "ProductSku",
+    "ProvisioningStatus",
+    "SubscribedSku",
+    "Subscription",
+    "get_ci",
+    "parse_datetime",
+    "same_id",
+]
+
 
 def get_ci(obj: Mapping[str, Any], key: str, default: Any = None) -> Any:
     """``obj[key]``, matching the key case-insensitively (camelCase documented, PascalCase seen)."""

@@ -14,6 +14,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+__all__ = [
+    "RateLimiter",
+]
+
 
 class RateLimiter:
     def __init__(

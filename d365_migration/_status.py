@@ -9,6 +9,13 @@ from typing import Any
 
 from ._ledger import STATES, MigrationLedger, MigrationRecord
 
+__all__ = [
+    "load_status",
+    "render_html",
+    "retry_command",
+    "status_document",
+]
+
 
 def retry_command(record: MigrationRecord) -> str:
     return f"python -m d365_migration retry {record.customer_id}/{record.subscription_id}"

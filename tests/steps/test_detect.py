@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from d365_migration._messages import ScanMessage
 from d365_migration.sandbox import SandboxServer, SandboxState, seed_world
-from tests.steps._world import CE, Tenant, detect, drive, mine, msg_for, service, writes
+from tests.steps._world import CE, Tenant, detect, drive, mine, msg_for, queued_scan_pages, service, writes
 
 
 async def test_detect_is_idempotent_and_does_not_re_emit_work_past_detected(server: SandboxServer, storage: str
@@ -105,3 +106,39 @@ async def test_allowlist_and_denylist_keep_out_of_scope_customers_untouched(serv
     assert c.old_status() == "active" and all(c.licenses(u) == {c.old_sku} for u in c.holders)
     touched = {r["path"].split("/")[3] for r in writes(server.state)}
     assert c.customer_id not in touched
+
+
+async def test_scan_page_queues_the_next_page_and_a_redelivered_page_is_not_scanned_again(
+        server: SandboxServer, storage: str) -> None:
+    tenants = [Tenant(server.state) for _ in range(3)]
+    async with service(server.url, storage, DRY_RUN="true") as svc:
+        first = ScanMessage("run1", 0, svc.client.first_customer_page(2).to_json())  # pages of two customers
+        report = await svc.scan_page(first)
+        assert report.customers == 2 and report.new_records == 2
+        (following,) = queued_scan_pages(storage)
+        assert following.run_id == "run1" and following.page == 1 and following.cursor
+        before = len(server.state.requests())
+        again = await svc.scan_page(first)  # the same page delivered again
+        assert again.customers == 0 and again.new_records == 0
+        assert len(server.state.requests()) == before and queued_scan_pages(storage) == []
+        last = await svc.scan_page(following)
+        assert last.customers == 1 and last.new_records == 1
+        assert queued_scan_pages(storage) == []  # the last page queues nothing
+        records = await svc.ledger.list_records()
+    assert {r.subscription_id.lower() for r in records} == {t.subscription_id for t in tenants}
+    assert writes(server.state) == []
+
+
+async def test_the_purchase_brake_counts_across_the_pages_of_one_run(server: SandboxServer, storage: str) -> None:
+    for _ in range(3):
+        Tenant(server.state)
+    async with service(server.url, storage, MAX_PURCHASES_PER_RUN="2") as svc:
+        first = ScanMessage("run2", 0, svc.client.first_customer_page(2).to_json())
+        page0 = await svc.scan_page(first)
+        (following,) = queued_scan_pages(storage)
+        page1 = await svc.scan_page(following)
+        records = await svc.ledger.list_records()
+    assert len(page0.purchase_messages) == 2 and page0.braked == 0
+    assert page1.purchase_messages == [] and page1.braked == 1
+    assert sorted(r.state for r in records) == ["blocked", "detected", "detected"]
+    assert server.state.purchases() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from d365_migration import StepMessage
 from d365_migration.sandbox import LEGACY_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState
 from d365_migration.sandbox._catalog import catalog_item
-from tests.steps._world import CE, DEMO_REPLACEMENT_OFFERS, Tenant, detect, drive, mine, queue, service, writes
+from tests.steps._world import CE, DEMO_REPLACEMENT_OFFERS, Clock, Tenant, detect, drive, mine, queue, service, writes
 
 
 async def test_no_replacement_mapping_blocks_with_a_clear_reason(server: SandboxServer, storage: str) -> None:
@@ -126,3 +127,23 @@ async def test_purchase_rechecks_the_old_subscription_right_before_buying(server
     assert b is not None and b.state == "blocked" and "auto-renew" in (b.reason or "")
     assert server.state.purchases() == []
     assert [r for r in writes(server.state) if "/carts" in r["path"] or "/orders" in r["path"]] == []
+
+
+async def test_provisioning_timeout_follows_the_injected_clock(state: SandboxState, storage: str) -> None:
+    t = Tenant(state)
+    clock = Clock()
+    with SandboxServer(state, SandboxConfig(provisioning_delay_s=3600)) as srv:
+        async with service(srv.url, storage, clock=clock, PROVISIONING_TIMEOUT_MINUTES="30") as svc:
+            (msg,) = (await detect(svc)).purchase_messages
+            bought = await svc.purchase(msg)
+            assert bought.record is not None and bought.record.state == "purchasing"
+            clock.advance(timedelta(minutes=29))
+            waiting = await svc.purchase(msg.next_poll())
+            assert waiting.record is not None and waiting.record.state == "purchasing"
+            assert "not active" not in (waiting.record.reason or "")
+            clock.advance(timedelta(minutes=2))
+            timed_out = await svc.purchase(msg.next_poll().next_poll())
+    assert timed_out.record is not None and timed_out.record.state == "failed"
+    assert "not active 30 min after purchase" in (timed_out.record.reason or "")
+    assert timed_out.record.history[-1]["event"] == "provisioning_timeout"
+    assert len(mine(state, t)) == 1
