@@ -35,9 +35,12 @@ _EXPORTS: dict[str, str] = {
     "PartnerCenterApiError": "_exceptions",
     "PartnerCenterError": "_exceptions",
     "PreconditionFailedError": "_exceptions",
+    "RequestNotSentError": "_exceptions",
+    "ResponseLostError": "_exceptions",
     "ServerError": "_exceptions",
     "ThrottledError": "_exceptions",
     "TransportError": "_exceptions",
+    "UncertainWriteError": "_exceptions",
     "FINAL_STATES": "_ledger",
     "STATES": "_ledger",
     "MigrationLedger": "_ledger",
@@ -47,7 +50,11 @@ _EXPORTS: dict[str, str] = {
     "StepMessage": "_messages",
     "DetectReport": "steps",
     "MigrationService": "steps",
+    "RetryLater": "steps",
+    "STEP_FOR_STATE": "steps",
     "StepResult": "steps",
+    "Work": "steps",
+    "observe_steps": "steps",
     "QueueSender": "_queues",
     "APP_SETTINGS": "_settings",
     "ReplacementOffers": "_settings",
@@ -149,6 +156,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         PreconditionFailedError as PreconditionFailedError,
     )
     from ._exceptions import (
+        RequestNotSentError as RequestNotSentError,
+    )
+    from ._exceptions import (
+        ResponseLostError as ResponseLostError,
+    )
+    from ._exceptions import (
         ServerError as ServerError,
     )
     from ._exceptions import (
@@ -156,6 +169,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._exceptions import (
         TransportError as TransportError,
+    )
+    from ._exceptions import (
+        UncertainWriteError as UncertainWriteError,
     )
     from ._ledger import (
         FINAL_STATES as FINAL_STATES,
@@ -194,11 +210,23 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         load_settings as load_settings,
     )
     from .steps import (
+        STEP_FOR_STATE as STEP_FOR_STATE,
+    )
+    from .steps import (
         DetectReport as DetectReport,
     )
     from .steps import (
         MigrationService as MigrationService,
     )
     from .steps import (
+        RetryLater as RetryLater,
+    )
+    from .steps import (
         StepResult as StepResult,
+    )
+    from .steps import (
+        Work as Work,
+    )
+    from .steps import (
+        observe_steps as observe_steps,
     )

@@ -6,18 +6,21 @@ behind async iterators, typed errors carrying Partner Center's ``code`` and ``de
 Retries: 429 waits ``Retry-After`` (and slows the shared limiter); 5xx, 408 and transport errors are retried with
 exponential backoff and jitter, always with the *same* ``MS-RequestId`` (Partner Center's headers page: reuse it when
 a call timed out; a new one once a response arrived). A write that may have been applied without us seeing the
-answer (``idempotent=False``) is not retried blindly: the error says ``maybe_applied`` and the caller checks state
-first. Other 4xx raise at once. Tokens never reach a log line or an exception message.
+answer (``idempotent=False``) is not retried blindly: it raises :class:`ResponseLostError` or
+:class:`UncertainWriteError` (``maybe_applied``) and the caller checks state first. Other 4xx raise at once. httpx's
+exceptions become ours in one place (:func:`map_transport_errors`), error answers through one table
+(:func:`map_error`). Tokens never reach a log line or an exception message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -32,9 +35,12 @@ from ._exceptions import (
     NotFoundError,
     PartnerCenterApiError,
     PreconditionFailedError,
+    RequestNotSentError,
+    ResponseLostError,
     ServerError,
     ThrottledError,
     TransportError,
+    UncertainWriteError,
 )
 from ._models import (
     Cart,
@@ -58,6 +64,8 @@ __all__ = [
     "RequestStats",
     "TokenSource",
     "deterministic_request_id",
+    "map_error",
+    "map_transport_errors",
     "new_request_id",
 ]
 
@@ -129,6 +137,134 @@ class RequestStats:
     retries: int = 0
 
 
+# The one place httpx's transport exceptions become ours (as httpx's map_httpcore_exceptions does for httpcore),
+# named by the phase the request reached. Order matters: the first matching row wins.
+_TRANSPORT_ERRORS: tuple[tuple[type[httpx.TransportError], type[TransportError], str], ...] = (
+    (httpx.ConnectError, RequestNotSentError, "could not connect"),
+    (httpx.ConnectTimeout, RequestNotSentError, "could not connect"),
+    (httpx.PoolTimeout, RequestNotSentError, "could not connect"),
+    (httpx.TransportError, ResponseLostError, "no answer"),
+)
+
+
+@contextlib.contextmanager
+def map_transport_errors(method: str, path: str) -> Iterator[None]:
+    """Translate an httpx transport exception into :class:`RequestNotSentError` or :class:`ResponseLostError`."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        for httpx_type, ours, text in _TRANSPORT_ERRORS:
+            if isinstance(exc, httpx_type):
+                raise ours(f"{text} ({type(exc).__name__})", method=method, path=_path_only(path)) from None
+        raise  # unreachable: the last row matches every httpx.TransportError
+
+
+class _Sender:
+    """Sends one logical request: pacing, auth header, retries with the same ``MS-RequestId``, error mapping."""
+
+    def __init__(self, http: httpx.AsyncClient, credential: TokenSource | None,
+                 limiters: Mapping[RateClass, RateLimiter | None], *, max_concurrency: int, max_attempts: int,
+                 backoff_base: float, backoff_max: float, max_retry_after: float,
+                 sleep: Callable[[float], Awaitable[None]], application_name: str, stats: RequestStats) -> None:
+        self._http = http
+        self._credential = credential
+        self._limiters = limiters
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._max_retry_after = max_retry_after
+        self._sleep = sleep
+        self._random = random.Random()
+        self._app_name = application_name
+        self.stats = stats
+
+    async def _headers(self, request_id: str, extra: Mapping[str, str] | None, force_refresh: bool) -> dict[str, str]:
+        headers = {
+            "Accept": "application/json",
+            "MS-RequestId": request_id,
+            "MS-CorrelationId": new_request_id(),
+            "MS-Contract-Version": "v1",
+            "MS-PartnerCenter-Application": self._app_name,
+        }
+        if self._credential is not None:
+            token = await self._credential.get_token(force_refresh=force_refresh)
+            headers["Authorization"] = f"Bearer {token}"
+        if extra:
+            headers.update(extra)
+        return headers
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter: spreads retries of many workers apart.
+        return float(self._random.uniform(0, min(self._backoff_max, self._backoff_base * 2**attempt)))
+
+    async def send(self, method: str, path: str, *, params: Mapping[str, str] | None, json_body: Any,
+                   headers: Mapping[str, str] | None, request_id: str, rate_class: RateClass, idempotent: bool,
+                   expect_body: bool) -> Any:
+        limiter = self._limiters[rate_class]
+        content = json.dumps(json_body).encode() if json_body is not None else None
+        force_refresh = refreshed = False
+        last_error: Exception | None = None
+        for attempt in range(self._max_attempts):
+            if limiter is not None:
+                await limiter.acquire()
+            send_headers = await self._headers(request_id, headers, force_refresh)
+            force_refresh = False
+            if content is not None:
+                send_headers["Content-Type"] = "application/json"
+            self.stats.requests += 1
+            try:
+                with map_transport_errors(method, path):
+                    async with self._semaphore:
+                        response = await self._http.request(method, path, params=params, content=content,
+                                                            headers=send_headers)
+            except RequestNotSentError as exc:
+                last_error = exc  # never reached the server: always safe to send again
+            except ResponseLostError as exc:
+                if not idempotent:
+                    raise  # may have been applied: the caller checks state before sending it again
+                last_error = exc
+            else:
+                status = response.status_code
+                if status == 429:
+                    retry_after = _retry_after(response, default=self._backoff(attempt) + 1)
+                    self.stats.throttled += 1
+                    if limiter is not None:
+                        limiter.on_throttled(min(retry_after, self._max_retry_after))
+                    logger.warning("%sthrottled %s %s: retry after %.1fs", log_prefix(), method, _path_only(path),
+                                   retry_after)
+                    last_error = ThrottledError(retry_after, method=method, path=_path_only(path))
+                    if retry_after > self._max_retry_after:
+                        raise last_error
+                    if limiter is None:
+                        await self._sleep(retry_after)
+                    self.stats.retries += 1
+                    continue
+                if status == 401 and self._credential is not None and not refreshed:
+                    refreshed = force_refresh = True
+                    continue
+                if status in _RETRYABLE_STATUS:
+                    if not idempotent:
+                        raise _api_error(response, method, _path_only(path), uncertain_write=True)
+                    last_error = _api_error(response, method, _path_only(path))
+                elif status >= 400:
+                    raise _api_error(response, method, _path_only(path))
+                else:
+                    if limiter is not None:
+                        limiter.on_success()
+                    if not expect_body or not response.content:
+                        return None
+                    return _decode(response, method, _path_only(path))
+            if attempt + 1 < self._max_attempts:
+                self.stats.retries += 1
+                delay = self._backoff(attempt)
+                logger.info("%sretrying %s %s in %.2fs after %s (same MS-RequestId)", log_prefix(), method,
+                            _path_only(path), delay, type(last_error).__name__)
+                await self._sleep(delay)
+        assert last_error is not None
+        raise last_error
+
+
 class PartnerCenterClient:
     """One client per process; share it between concurrent operations."""
 
@@ -150,19 +286,10 @@ class PartnerCenterClient:
         application_name: str = "d365-migration",
     ) -> None:
         self._endpoint = endpoint.rstrip("/")
-        self._credential = credential
         self._limiters: dict[RateClass, RateLimiter | None] = {
             "commerce": RateLimiter(requests_per_minute, sleep=sleep) if requests_per_minute else None,
             "license": RateLimiter(license_requests_per_minute, sleep=sleep) if license_requests_per_minute else None,
         }
-        self._semaphore = asyncio.Semaphore(max_concurrency)
-        self._max_attempts = max(1, max_attempts)
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
-        self._max_retry_after = max_retry_after
-        self._sleep = sleep
-        self._random = random.Random()
-        self._app_name = application_name
         self.stats = RequestStats()
         self._http = httpx.AsyncClient(
             base_url=self._endpoint,
@@ -171,6 +298,10 @@ class PartnerCenterClient:
             follow_redirects=False,
             limits=httpx.Limits(max_connections=max(max_concurrency, 1) * 2),
         )
+        self._sender = _Sender(self._http, credential, self._limiters, max_concurrency=max_concurrency,
+                               max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
+                               max_retry_after=max_retry_after, sleep=sleep, application_name=application_name,
+                               stats=self.stats)
 
     @property
     def endpoint(self) -> str:
@@ -187,25 +318,6 @@ class PartnerCenterClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _headers(self, request_id: str, extra: Mapping[str, str] | None, force_refresh: bool) -> dict[str, str]:
-        headers = {
-            "Accept": "application/json",
-            "MS-RequestId": request_id,
-            "MS-CorrelationId": new_request_id(),
-            "MS-Contract-Version": "v1",
-            "MS-PartnerCenter-Application": self._app_name,
-        }
-        if self._credential is not None:
-            token = await self._credential.get_token(force_refresh=force_refresh)
-            headers["Authorization"] = f"Bearer {token}"
-        if extra:
-            headers.update(extra)
-        return headers
-
-    def _backoff(self, attempt: int) -> float:
-        # Full jitter: spreads retries of many workers apart.
-        return float(self._random.uniform(0, min(self._backoff_max, self._backoff_base * 2**attempt)))
-
     async def request(
         self,
         method: str,
@@ -219,74 +331,17 @@ class PartnerCenterClient:
         idempotent: bool = True,
         expect_body: bool = True,
     ) -> Any:
-        """Send one logical request (with retries) and return the decoded JSON body."""
-        request_id = request_id or new_request_id()
-        limiter = self._limiters[rate_class]
-        content = json.dumps(json_body).encode() if json_body is not None else None
-        force_refresh = False
-        refreshed = False
-        last_error: Exception | None = None
-        for attempt in range(self._max_attempts):
-            if limiter is not None:
-                await limiter.acquire()
-            send_headers = await self._headers(request_id, headers, force_refresh)
-            force_refresh = False
-            if content is not None:
-                send_headers["Content-Type"] = "application/json"
-            self.stats.requests += 1
-            try:
-                async with self._semaphore:
-                    response = await self._http.request(method, path, params=params, content=content,
-                                                        headers=send_headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # Never reached the server: always safe to retry.
-                last_error = TransportError(f"could not connect ({type(exc).__name__})", method=method, path=path)
-            except httpx.TransportError as exc:
-                last_error = TransportError(f"no answer ({type(exc).__name__})", method=method, path=path)
-                if not idempotent:
-                    last_error.maybe_applied = True  # type: ignore[attr-defined]
-                    raise last_error from None
-            else:
-                status = response.status_code
-                if status == 429:
-                    retry_after = _retry_after(response, default=self._backoff(attempt) + 1)
-                    self.stats.throttled += 1
-                    if limiter is not None:
-                        limiter.on_throttled(min(retry_after, self._max_retry_after))
-                    logger.warning("%sthrottled %s %s: retry after %.1fs", log_prefix(), method, _path_only(path),
-                                   retry_after)
-                    last_error = ThrottledError(retry_after, method=method, path=_path_only(path))
-                    if retry_after > self._max_retry_after:
-                        raise last_error
-                    if limiter is None:
-                        await self._sleep(retry_after)
-                    self.stats.retries += 1
-                    continue
-                if status == 401 and self._credential is not None and not refreshed:
-                    refreshed = force_refresh = True
-                    continue
-                if status in _RETRYABLE_STATUS:
-                    error = _api_error(response, method, _path_only(path))
-                    if not idempotent:
-                        error.maybe_applied = True  # type: ignore[attr-defined]
-                        raise error
-                    last_error = error
-                elif status >= 400:
-                    raise _api_error(response, method, _path_only(path))
-                else:
-                    if limiter is not None:
-                        limiter.on_success()
-                    if not expect_body or not response.content:
-                        return None
-                    return _decode(response, method, _path_only(path))
-            if attempt + 1 < self._max_attempts:
-                self.stats.retries += 1
-                delay = self._backoff(attempt)
-                logger.info("%sretrying %s %s in %.2fs after %s (same MS-RequestId)", log_prefix(), method,
-                            _path_only(path), delay, type(last_error).__name__)
-                await self._sleep(delay)
-        assert last_error is not None
-        raise last_error
+        """Send one logical request (with retries) and return the decoded JSON body.
+
+        :raises RequestNotSentError: Partner Center could not be reached (after retries).
+        :raises ResponseLostError: no answer came back (after retries; at once for a write with
+            ``idempotent=False``, which may have been applied).
+        :raises PartnerCenterApiError: an error answer (a subclass per status; see ``_exceptions``).
+        :raises MalformedResponseError: an answer that is not JSON.
+        """
+        return await self._sender.send(method, path, params=params, json_body=json_body, headers=headers,
+                                       request_id=request_id or new_request_id(), rate_class=rate_class,
+                                       idempotent=idempotent, expect_body=expect_body)
 
     async def fetch_page(self, page: PageRequest, *, rate_class: RateClass, what: str
                          ) -> tuple[list[Any], PageRequest | None]:
@@ -491,7 +546,30 @@ def _decode(response: httpx.Response, method: str, path: str) -> Any:
             "expected", method=method, path=path) from None
 
 
-def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCenterApiError:
+# Error answer → exception class: by (status, Partner Center code) first, then by status, then by status class.
+_ERROR_FOR_CODE: dict[tuple[int, str], type[PartnerCenterApiError]] = {
+    (400, "2055"): PreconditionFailedError,  # "the ETag is no longer valid", sent as a 400
+}
+_ERROR_FOR_STATUS: dict[int, type[PartnerCenterApiError]] = {
+    404: NotFoundError,
+    409: ConflictError,
+    412: PreconditionFailedError,
+}
+
+
+def map_error(status: int, code: str | None, *, uncertain_write: bool = False) -> type[PartnerCenterApiError]:
+    """The exception class for an error answer (``uncertain_write``: a 5xx to a write that may have been applied)."""
+    if code is not None and (status, code) in _ERROR_FOR_CODE:
+        return _ERROR_FOR_CODE[status, code]
+    if status in _ERROR_FOR_STATUS:
+        return _ERROR_FOR_STATUS[status]
+    if status >= 500:
+        return UncertainWriteError if uncertain_write else ServerError
+    return ClientError
+
+
+def _api_error(response: httpx.Response, method: str, path: str, *,
+               uncertain_write: bool = False) -> PartnerCenterApiError:
     """Both documented error shapes: ``{code, description, data, source}`` and ``{code, message, errorName…}``."""
     status = response.status_code
     code: str | None = None
@@ -513,17 +591,7 @@ def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCente
         data = get_ci(body, "data")
         name = get_ci(body, "errorName")
         error_name = name if isinstance(name, str) else None
-    cls: type[PartnerCenterApiError]
-    if status >= 500:
-        cls = ServerError
-    elif status == 404:
-        cls = NotFoundError
-    elif status == 409:
-        cls = ConflictError
-    elif status == 412 or (status == 400 and code == "2055"):
-        cls = PreconditionFailedError
-    else:
-        cls = ClientError
+    cls = map_error(status, code, uncertain_write=uncertain_write)
     return cls(status, code, description, method=method, path=path, data=data, error_name=error_name)
 
 

@@ -9,12 +9,18 @@ The hierarchy::
     │   └── ConcurrencyConflict         another worker changed the record first (ETag mismatch)
     ├── AuthenticationError             no access token could be had; says exactly what to run to fix it
     └── PartnerCenterError              a Partner Center call failed
-        ├── TransportError              no usable answer: connection reset, timeout (after retries)
-        ├── ThrottledError              429 after the retry budget; carries retry_after
+        ├── TransportError              no usable answer (after retries), named by the phase it failed in:
+        │   ├── RequestNotSentError     never reached Partner Center (connect failed): nothing was applied
+        │   └── ResponseLostError       sent, but no answer came back (reset, timeout): it MAY have been applied
         ├── MalformedResponseError      an answer that is not the documented shape (HTML page, truncated JSON…)
         └── PartnerCenterApiError       a documented error answer: carries status, code, description
+            ├── ThrottledError          429 after the retry budget; carries retry_after
             ├── ServerError             5xx after retries
+            │   └── UncertainWriteError 5xx to a write that is not safe to repeat: it MAY have been applied
             └── (4xx)                   ClientError, NotFoundError, ConflictError, PreconditionFailedError
+
+``error.maybe_applied`` is true exactly for the errors after which the write may have happened (ResponseLostError,
+UncertainWriteError): the caller looks at Partner Center's state before sending it again.
 
 Messages never contain tokens, secrets or Authorization headers.
 """
@@ -37,9 +43,12 @@ __all__ = [
     "PartnerCenterApiError",
     "PartnerCenterError",
     "PreconditionFailedError",
+    "RequestNotSentError",
+    "ResponseLostError",
     "ServerError",
     "ThrottledError",
     "TransportError",
+    "UncertainWriteError",
 ]
 
 
@@ -79,6 +88,9 @@ class AuthenticationError(MigrationError):
 class PartnerCenterError(MigrationError):
     """A Partner Center call failed."""
 
+    #: True when the request may have been applied although no success answer arrived (see the module docstring).
+    maybe_applied: bool = False
+
     def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
         self.method = method
         self.path = path
@@ -88,6 +100,16 @@ class PartnerCenterError(MigrationError):
 
 class TransportError(PartnerCenterError):
     """The request got no usable answer (connection error, timeout) after retries."""
+
+
+class RequestNotSentError(TransportError):
+    """The request never reached Partner Center (connection refused, connect timeout): nothing was applied."""
+
+
+class ResponseLostError(TransportError):
+    """The request was sent but no answer came back (connection reset, read timeout): it may have been applied."""
+
+    maybe_applied = True
 
 
 class MalformedResponseError(PartnerCenterError):
@@ -143,3 +165,9 @@ class ThrottledError(PartnerCenterApiError):
 
 class ServerError(PartnerCenterApiError):
     """5xx that outlasted the retry budget."""
+
+
+class UncertainWriteError(ServerError):
+    """A 5xx answer to a write that is not safe to repeat blindly (a legacy order): it may have been applied."""
+
+    maybe_applied = True
