@@ -318,7 +318,7 @@ class _Hooks:
     @staticmethod
     def _record_key_for(name: str, customer_id: str, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> tuple[str, str] | None:
-        """The record whose step made this call: the step message being handled (set by ``wrap_step``)."""
+        """The record whose step made this call: the step message being handled (set by ``around_step``)."""
         message = _CURRENT_MESSAGE.get()
         if message is None or message.customer_id.lower() != customer_id.lower():
             return None
