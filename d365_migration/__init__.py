@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     "get_service": "_app",
     "run_detect": "_app",
     "run_scan": "_app",
+    "run_status": "_app",
     "run_step": "_app",
     "RetiredOffer": "_catalog",
     "RetiredOfferCatalog": "_catalog",
@@ -47,9 +48,12 @@ _EXPORTS: dict[str, str] = {
     "PartnerCenterApiError": "_exceptions",
     "PartnerCenterError": "_exceptions",
     "PreconditionFailedError": "_exceptions",
+    "RequestNotSentError": "_exceptions",
+    "ResponseLostError": "_exceptions",
     "ServerError": "_exceptions",
     "ThrottledError": "_exceptions",
     "TransportError": "_exceptions",
+    "UncertainWriteError": "_exceptions",
     "FINAL_STATES": "_ledger",
     "STATES": "_ledger",
     "MigrationLedger": "_ledger",
@@ -57,9 +61,13 @@ _EXPORTS: dict[str, str] = {
     "UserOutcome": "_ledger",
     "QUEUE_FOR_STEP": "_messages",
     "StepMessage": "_messages",
-    "DetectReport": "_pipeline",
-    "MigrationService": "_pipeline",
-    "StepResult": "_pipeline",
+    "DetectReport": "steps",
+    "MigrationService": "steps",
+    "RetryLater": "steps",
+    "STEP_FOR_STATE": "steps",
+    "StepResult": "steps",
+    "Work": "steps",
+    "observe_steps": "steps",
     "QueueSender": "_queues",
     "Availability": "_models",
     "LicenseUpdateResult": "_models",
@@ -107,6 +115,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._app import (
         run_scan as run_scan,
+    )
+    from ._app import (
+        run_status as run_status,
     )
     from ._app import (
         run_step as run_step,
@@ -176,6 +187,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._exceptions import ProvisioningNotReadyError as ProvisioningNotReadyError
     from ._exceptions import PurchaseRejectedError as PurchaseRejectedError
     from ._exceptions import RequestIdReusedError as RequestIdReusedError
+    from ._exceptions import (
+        RequestNotSentError as RequestNotSentError,
+    )
+    from ._exceptions import (
+        ResponseLostError as ResponseLostError,
+    )
     from ._exceptions import RetryAfterTooLongError as RetryAfterTooLongError
     from ._exceptions import (
         RolloutRefused as RolloutRefused,
@@ -189,6 +206,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._exceptions import (
         TransportError as TransportError,
+    )
+    from ._exceptions import (
+        UncertainWriteError as UncertainWriteError,
     )
     from ._exceptions import UpdatePendingError as UpdatePendingError
     from ._ledger import (
@@ -216,15 +236,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._models import LicenseUpdateResult as LicenseUpdateResult
     from ._models import LicenseWarning as LicenseWarning
     from ._models import UpdateAccepted as UpdateAccepted
-    from ._pipeline import (
-        DetectReport as DetectReport,
-    )
-    from ._pipeline import (
-        MigrationService as MigrationService,
-    )
-    from ._pipeline import (
-        StepResult as StepResult,
-    )
     from ._queues import (
         QueueSender as QueueSender,
     )
@@ -249,4 +260,25 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from ._settings import (
         load_settings as load_settings,
+    )
+    from .steps import (
+        STEP_FOR_STATE as STEP_FOR_STATE,
+    )
+    from .steps import (
+        DetectReport as DetectReport,
+    )
+    from .steps import (
+        MigrationService as MigrationService,
+    )
+    from .steps import (
+        RetryLater as RetryLater,
+    )
+    from .steps import (
+        StepResult as StepResult,
+    )
+    from .steps import (
+        Work as Work,
+    )
+    from .steps import (
+        observe_steps as observe_steps,
     )

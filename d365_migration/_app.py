@@ -1,40 +1,67 @@
 """Building the service from settings, once per process (per event loop), and running one step for an adapter.
 
-Function folders call :func:`run_detect` and :func:`run_step`; they only translate between the trigger/bindings and
-these plain values. Messages that can never succeed go straight to ``<queue>-poison`` with the reason (no five
-retries); a message that fails on its last allowed delivery marks its record ``failed`` before the host poisons it.
+Function folders call :func:`run_detect`, :func:`run_scan`, :func:`run_step` and :func:`run_status`; they only
+translate between the trigger/bindings and these plain values. ``status`` needs only the ledger: it never builds the
+Partner Center client or its credential, so the page still works when those are broken.
+
+Messages that can never succeed go straight to ``<queue>-poison`` with the reason (no five retries); a message that
+fails on its last allowed delivery marks its record ``failed`` before the host poisons it (``steps/_runner.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._budget import counting_requests
-from ._exceptions import ConcurrencyConflict, ConfigurationError, InvalidMessageError
+from ._exceptions import ConfigurationError, InvalidMessageError
 from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._settings import Settings
 
 if TYPE_CHECKING:  # the heavy modules (httpx, Storage SDKs) load on first use, not at import: faster cold start
     from ._client import TokenSource
-    from ._ledger import MigrationLedger
-    from ._pipeline import MigrationService
+    from ._ledger import MigrationLedger, MigrationRecord
     from ._queues import QueueSender
+    from .steps import MigrationService
+
+__all__ = [
+    "StepOutputs",
+    "build_credential",
+    "build_service",
+    "forget_services",
+    "get_service",
+    "max_dequeue_count",
+    "open_storage",
+    "read_records",
+    "run_detect",
+    "run_scan",
+    "run_status",
+    "run_step",
+    "storage_clients",
+]
 
 logger = logging.getLogger("d365_migration.app")
 
 _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MigrationService] = weakref.WeakKeyDictionary()
+# The status page's own ledger per loop: it must not depend on the Partner Center side being buildable.
+_status_ledgers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Settings, MigrationLedger]] = (
+    weakref.WeakKeyDictionary())
 
 
 def storage_clients(settings: Settings) -> tuple[MigrationLedger, QueueSender]:
+    """The ledger and the queue sender for ``settings``' storage account.
+
+    :raises ConfigurationError: no storage connection is configured.
+    """
     from ._ledger import MigrationLedger
     from ._queues import QueueSender
 
@@ -64,7 +91,7 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
     from ._budget import build_pacers
     from ._catalog import RetiredOfferCatalog
     from ._client import PartnerCenterClient
-    from ._pipeline import MigrationService
+    from .steps import MigrationService
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
     credential = build_credential(settings)
@@ -85,6 +112,23 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
     return MigrationService(settings, client, ledger, queues, catalog)
 
 
+@contextlib.asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[tuple[MigrationLedger, QueueSender]]:
+    """The ledger and queue sender for one command (CLI, demo), closed afterwards."""
+    ledger, queues = storage_clients(settings)
+    try:
+        yield ledger, queues
+    finally:
+        ledger.close()
+        queues.close()
+
+
+async def read_records(settings: Settings) -> list[MigrationRecord]:
+    """Every migration record in the ledger (no Partner Center involved)."""
+    async with open_storage(settings) as (ledger, _queues):
+        return await ledger.list_records()
+
+
 def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
     """The process's service for the running event loop (httpx pools are bound to a loop)."""
     loop = asyncio.get_running_loop()
@@ -96,6 +140,14 @@ def get_service(env: Mapping[str, str] | None = None) -> MigrationService:
         logger.info("d365_migration ready: endpoint=%s auth=%s dry_run=%s", settings.endpoint, settings.auth,
                     settings.dry_run)
     return service
+
+
+def forget_services() -> None:
+    """Drop the per-loop services and status ledgers and the cached host.json limit; the next invocation builds
+    them again from the environment (tests, and a host that reloads its settings)."""
+    _services.clear()
+    _status_ledgers.clear()
+    _host_json_max_dequeue_count.cache_clear()
 
 
 def max_dequeue_count() -> int:
@@ -163,30 +215,52 @@ async def run_scan(body: bytes) -> StepOutputs:
 
 
 async def run_step(step: Step, body: bytes, dequeue_count: int | None) -> StepOutputs:
+    """One record step for a queue-triggered function: the next steps' messages, or a poison message.
+
+    :raises Exception: whatever the step could not handle; the host retries the message (on its last delivery the
+        record is marked failed first).
+    """
     try:
         message = StepMessage.parse(body, expected_step=step)
     except InvalidMessageError as exc:
         return _poisoned(exc, QUEUE_FOR_STEP[step], body)
-    service = get_service()
-    handler = {"purchase": service.purchase, "reassign": service.reassign, "suspend": service.suspend}[step]
+    last_delivery = (dequeue_count or 1) >= max_dequeue_count()
     try:
         with counting_requests() as costs:
             try:
-                result = await handler(message)
+                result = await get_service().run(message, last_delivery=last_delivery)
             finally:
                 _log_cost(step, costs, f"correlation={message.correlation_id}")
     except InvalidMessageError as exc:
         return _poisoned(exc, message.queue, body, message.correlation_id)
-    except ConcurrencyConflict:
-        raise  # another invocation changed the record: not this migration's failure, never mark it failed
-    except Exception as exc:
-        if (dequeue_count or 1) >= max_dequeue_count():
-            # Last delivery: the host will move the message to <queue>-poison. Say why in the ledger first.
-            logger.error("event=message_poisoned queue=%s correlation=%s after %s deliveries: %s", message.queue,
-                         message.correlation_id, dequeue_count, exc)
-            await service.fail(message, f"{type(exc).__name__}: {exc}")
-        raise
     outputs = StepOutputs()
     for nxt in result.next_messages:
         outputs.messages.setdefault(nxt.queue, []).append(nxt.to_json())
     return outputs
+
+
+def _status_ledger() -> tuple[Settings, MigrationLedger]:
+    from ._ledger import MigrationLedger
+
+    loop = asyncio.get_running_loop()
+    cached = _status_ledgers.get(loop)
+    if cached is None:
+        settings = Settings.from_env()
+        if settings.storage_connection:
+            ledger = MigrationLedger.from_connection_string(settings.storage_connection, settings.ledger_table)
+        else:
+            ledger, queues = storage_clients(settings)
+            queues.close()
+        cached = _status_ledgers[loop] = (settings, ledger)
+    return cached
+
+
+async def run_status() -> dict[str, Any]:
+    """The ``status`` page's document: read from the ledger only (no Partner Center client, no credential).
+
+    :raises ConfigurationError: no storage connection is configured.
+    """
+    from ._status import load_status
+
+    settings, ledger = _status_ledger()
+    return await load_status(ledger, dry_run=settings.dry_run, settings=settings)

@@ -45,6 +45,21 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._exceptions import RateBudgetUnavailable
 from ._ratelimit import RateLimiter
 
+__all__ = [
+    "BUDGETS",
+    "DEFAULT_HEADROOM",
+    "PARTITION",
+    "Block",
+    "BudgetStats",
+    "PacedBudget",
+    "SharedBudget",
+    "TableBudgetStore",
+    "budget_for_path",
+    "budget_store",
+    "build_pacers",
+    "counting_requests",
+]
+
 if TYPE_CHECKING:
     from azure.data.tables import TableClient
 

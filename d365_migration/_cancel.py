@@ -30,6 +30,15 @@ from ._exceptions import CancelRefused, ConcurrencyConflict, NotFoundError, Part
 from ._ledger import MigrationLedger, MigrationRecord, utcnow
 from ._models import Subscription, get_ci, parse_datetime
 
+__all__ = [
+    "CANCELLATION_WINDOW",
+    "CancelOutcome",
+    "cancel_replacement",
+    "cancellation_deadline",
+    "find_record",
+    "is_new_commerce",
+]
+
 logger = logging.getLogger("d365_migration.cancel")
 
 CANCELLATION_WINDOW = timedelta(hours=168)  # new commerce: 7 days from purchase (see the module docstring)

@@ -18,6 +18,15 @@ from typing import Any
 from ._exceptions import ConfigurationError
 from ._settings import AUDIENCES, FAMILIES, is_guid
 
+__all__ = [
+    "CHANNELS",
+    "OfferMatch",
+    "RetiredOffer",
+    "RetiredOfferCatalog",
+    "looks_like_qualified_offer",
+    "normalize_offer_name",
+]
+
 CHANNELS = ("CRMOL Basic", "From SA", "Add-On")
 
 

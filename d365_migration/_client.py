@@ -6,9 +6,14 @@ behind async iterators, typed errors carrying Partner Center's ``code`` and ``de
 Retries: 429 waits ``Retry-After`` (and slows the shared limiter); a ``Retry-After`` longer than ``max_retry_after``
 raises :class:`RetryAfterTooLongError` (look again later, not a failure). 5xx, 408 and transport errors are retried
 with exponential backoff and jitter, always with the *same* ``MS-RequestId``. A write that may have been applied
-without us seeing the answer (``idempotent=False``) is not retried blindly: the error says ``maybe_applied`` and the
-caller checks state first. Other 4xx raise at once, typed (see ``_exceptions``): 401/403 that mean the token or the
-GDAP roles are wrong raise :class:`AccessDeniedError` naming the fix. Tokens never reach a log line or an exception.
+without us seeing the answer (``idempotent=False``) is not retried blindly: it raises :class:`ResponseLostError` or
+:class:`UncertainWriteError` (``maybe_applied``) and the caller checks state first. Other 4xx raise at once, typed
+(see ``_exceptions``): 401/403 that mean the token or the GDAP roles are wrong raise :class:`AccessDeniedError`
+naming the fix. httpx's exceptions become ours in one place (:func:`map_transport_errors`), error answers through one
+table (:func:`map_error`). Tokens never reach a log line or an exception message.
+
+The client is one class assembled from small ones, each readable alone: :class:`_Sender` (pacing, auth header,
+retries, request-id bookkeeping), then the operations by resource (subscriptions, purchases, users and catalog).
 
 Request ids (https://learn.microsoft.com/partner-center/developer/headers): ``MS-RequestId`` is reused only to retry
 the same call after a timeout or lost answer; after any response — success or business failure — the next call needs
@@ -20,13 +25,14 @@ an answer and refuses (``strict_request_ids``) or logs ``event=request_id_reused
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -49,11 +55,14 @@ from ._exceptions import (
     ProvisioningNotReadyError,
     PurchaseRejectedError,
     RequestIdReusedError,
+    RequestNotSentError,
+    ResponseLostError,
     RetryAfterTooLongError,
     ServerError,
     SubscriptionSuspendedError,
     ThrottledError,
     TransportError,
+    UncertainWriteError,
     UpdatePendingError,
 )
 from ._models import (
@@ -73,6 +82,20 @@ from ._models import (
 )
 from ._ratelimit import Pacer, RateLimiter
 from ._settings import is_guid
+
+__all__ = [
+    "PageRequest",
+    "PartnerCenterClient",
+    "RequestAttempt",
+    "RequestIdLike",
+    "RequestStats",
+    "TokenSource",
+    "deterministic_request_id",
+    "gdap_roles_for",
+    "map_error",
+    "map_transport_errors",
+    "new_request_id",
+]
 
 logger = logging.getLogger("d365_migration.client")
 
@@ -205,40 +228,41 @@ class RequestStats:
     retries: int = 0
 
 
-class PartnerCenterClient:
-    """One client per process; share it between concurrent operations."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        credential: TokenSource | None,
-        *,
-        requests_per_minute: float | None = 500,
-        license_requests_per_minute: float | None = 300,
-        max_concurrency: int = 16,
-        max_attempts: int = 6,
-        backoff_base: float = 0.5,
-        backoff_max: float = 30.0,
-        max_retry_after: float = 120.0,
-        limiters: Mapping[Budget, Pacer] | None = None,
-        timeout: httpx.Timeout | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        application_name: str = "d365-migration",
-        strict_request_ids: bool = False,
-        update_confirm_seconds: float = 30.0,
-        confirm_poll_seconds: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._endpoint = endpoint.rstrip("/")
+# The one place httpx's transport exceptions become ours (as httpx's map_httpcore_exceptions does for httpcore),
+# named by the phase the request reached. Order matters: the first matching row wins.
+_TRANSPORT_ERRORS: tuple[tuple[type[httpx.TransportError], type[TransportError], str], ...] = (
+    (httpx.ConnectError, RequestNotSentError, "could not connect"),
+    (httpx.ConnectTimeout, RequestNotSentError, "could not connect"),
+    (httpx.PoolTimeout, RequestNotSentError, "could not connect"),
+    (httpx.TransportError, ResponseLostError, "no answer"),
+)
+
+
+@contextlib.contextmanager
+def map_transport_errors(method: str, path: str) -> Iterator[None]:
+    """Translate an httpx transport exception into :class:`RequestNotSentError` or :class:`ResponseLostError`."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        for httpx_type, ours, text in _TRANSPORT_ERRORS:
+            if isinstance(exc, httpx_type):
+                raise ours(f"{text} ({type(exc).__name__})", method=method, path=_path_only(path)) from None
+        raise  # unreachable: the last row matches every httpx.TransportError
+
+
+class _Sender:
+    """Sends one logical request: pacing, auth header, retries with the same ``MS-RequestId``, error mapping, and
+    the record of which write ids got an answer (the headers page: a new id after any response)."""
+
+    def __init__(self, http: httpx.AsyncClient, credential: TokenSource | None,
+                 limiters: Mapping[Budget, Pacer | None], *, max_concurrency: int, max_attempts: int,
+                 backoff_base: float, backoff_max: float, max_retry_after: float,
+                 sleep: Callable[[float], Awaitable[None]], application_name: str, strict_request_ids: bool,
+                 stats: RequestStats) -> None:
+        self._http = http
         self._credential = credential
-        # ``limiters`` (one per budget, e.g. the app's shared budgets from _budget.build_pacers) replace the
-        # process-local ones built from the two rates.
-        self._limiters: dict[Budget, Pacer | None] = {
-            "commerce": RateLimiter(requests_per_minute, sleep=sleep) if requests_per_minute else None,
-            "license": RateLimiter(license_requests_per_minute, sleep=sleep) if license_requests_per_minute else None,
-            **(limiters or {}),
-        }
+        self._limiters = limiters
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._max_attempts = max(1, max_attempts)
         self._backoff_base = backoff_base
@@ -248,34 +272,9 @@ class PartnerCenterClient:
         self._random = random.Random()
         self._app_name = application_name
         self._strict_request_ids = strict_request_ids
-        self._update_confirm_seconds = max(0.0, update_confirm_seconds)
-        self._confirm_poll_seconds = max(0.0, confirm_poll_seconds)
-        self._clock = clock
         # MS-RequestIds of writes that got an answer (bounded; oldest forgotten first).
         self._answered: OrderedDict[str, str] = OrderedDict()
-        self.stats = RequestStats()
-        self._http = httpx.AsyncClient(
-            base_url=self._endpoint,
-            timeout=timeout or httpx.Timeout(60.0, connect=10.0),
-            transport=transport,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=max(max_concurrency, 1) * 2),
-        )
-
-    @property
-    def endpoint(self) -> str:
-        return self._endpoint
-
-    async def __aenter__(self) -> PartnerCenterClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    # ------------------------------------------------------------------ plumbing
+        self.stats = stats
 
     async def _headers(self, request_id: str, extra: Mapping[str, str] | None, force_refresh: bool) -> dict[str, str]:
         headers = {
@@ -321,28 +320,7 @@ class PartnerCenterClient:
         """Did a write with this ``MS-RequestId`` get an answer (success or business failure) in this process?"""
         return str(request_id).lower() in self._answered
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json_body: Any = None,
-        headers: Mapping[str, str] | None = None,
-        request_id: RequestIdLike | None = None,
-        idempotent: bool = True,
-        expect_body: bool = True,
-    ) -> Any:
-        """Send one logical request (with retries) and return the decoded JSON body (None for an empty body).
-
-        :raises PartnerCenterError: typed by status and code (see the module docstring)."""
-        response = await self._send(method, path, params=params, json_body=json_body, headers=headers,
-                                    request_id=request_id, idempotent=idempotent)
-        if not expect_body or not response.content:
-            return None
-        return _decode(response, method, _path_only(path))
-
-    async def _send(
+    async def send(
         self,
         method: str,
         path: str,
@@ -373,17 +351,16 @@ class PartnerCenterClient:
                 send_headers["Content-Type"] = "application/json"
             self.stats.requests += 1
             try:
-                async with self._semaphore:
-                    response = await self._http.request(method, path, params=params, content=content,
-                                                        headers=send_headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                # Never reached the server: always safe to retry.
-                last_error = TransportError(f"could not connect ({type(exc).__name__})", method=method, path=path)
-            except httpx.TransportError as exc:
-                last_error = TransportError(f"no answer ({type(exc).__name__})", method=method, path=path)
+                with map_transport_errors(method, path):
+                    async with self._semaphore:
+                        response = await self._http.request(method, path, params=params, content=content,
+                                                            headers=send_headers)
+            except RequestNotSentError as exc:
+                last_error = exc  # never reached the server: always safe to send again
+            except ResponseLostError as exc:
                 if not idempotent:
-                    last_error.maybe_applied = True  # type: ignore[attr-defined]
-                    raise last_error from None
+                    raise  # may have been applied: the caller checks state before sending it again
+                last_error = exc
             else:
                 status = response.status_code
                 if status == 429:
@@ -406,10 +383,9 @@ class PartnerCenterClient:
                     refreshed = force_refresh = True
                     continue
                 if status in _RETRYABLE_STATUS:
-                    error = _api_error(response, method, _path_only(path))
                     if not idempotent:
-                        error.maybe_applied = True  # type: ignore[attr-defined]
-                        raise error
+                        raise _api_error(response, method, _path_only(path), uncertain_write=True)
+                    error = _api_error(response, method, _path_only(path))
                     server_wait = _retry_after(response, default=0.0) if "Retry-After" in response.headers else 0.0
                     if server_wait > self._max_retry_after:
                         raise RetryAfterTooLongError(server_wait, method=method, path=_path_only(path),
@@ -434,6 +410,106 @@ class PartnerCenterClient:
                 await self._sleep(delay)
         assert last_error is not None
         raise last_error
+
+
+class _ClientBase:
+    """Construction, lifetime and the two primitives every operation uses: :meth:`request` and paging."""
+
+
+    def __init__(
+        self,
+        endpoint: str,
+        credential: TokenSource | None,
+        *,
+        requests_per_minute: float | None = 500,
+        license_requests_per_minute: float | None = 300,
+        max_concurrency: int = 16,
+        max_attempts: int = 6,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 120.0,
+        limiters: Mapping[Budget, Pacer] | None = None,
+        timeout: httpx.Timeout | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        application_name: str = "d365-migration",
+        strict_request_ids: bool = False,
+        update_confirm_seconds: float = 30.0,
+        confirm_poll_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._endpoint = endpoint.rstrip("/")
+        self._credential = credential
+        # ``limiters`` (one per budget, e.g. the app's shared budgets from _budget.build_pacers) replace the
+        # process-local ones built from the two rates.
+        self._limiters: dict[Budget, Pacer | None] = {
+            "commerce": RateLimiter(requests_per_minute, sleep=sleep) if requests_per_minute else None,
+            "license": RateLimiter(license_requests_per_minute, sleep=sleep) if license_requests_per_minute else None,
+            **(limiters or {}),
+        }
+        self._sleep = sleep
+        self._update_confirm_seconds = max(0.0, update_confirm_seconds)
+        self._confirm_poll_seconds = max(0.0, confirm_poll_seconds)
+        self._clock = clock
+        self.stats = RequestStats()
+        self._http = httpx.AsyncClient(
+            base_url=self._endpoint,
+            timeout=timeout or httpx.Timeout(60.0, connect=10.0),
+            transport=transport,
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=max(max_concurrency, 1) * 2),
+        )
+        self._sender = _Sender(self._http, credential, self._limiters, max_concurrency=max_concurrency,
+                               max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
+                               max_retry_after=max_retry_after, sleep=sleep, application_name=application_name,
+                               strict_request_ids=strict_request_ids, stats=self.stats)
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    async def __aenter__(self) -> PartnerCenterClient:
+        return self  # type: ignore[return-value]  # always a PartnerCenterClient
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def max_retry_after(self) -> float:
+        """The longest ``Retry-After`` the client sleeps in one call; longer ones raise RetryAfterTooLongError."""
+        return self._sender.max_retry_after
+
+    def was_answered(self, request_id: RequestIdLike) -> bool:
+        """Did a write with this ``MS-RequestId`` get an answer (success or business failure) in this process?"""
+        return self._sender.was_answered(request_id)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        request_id: RequestIdLike | None = None,
+        idempotent: bool = True,
+        expect_body: bool = True,
+    ) -> Any:
+        """Send one logical request (with retries) and return the decoded JSON body (None for an empty body).
+
+        :raises PartnerCenterError: typed by status and code (see the module docstring)."""
+        response = await self._sender.send(method, path, params=params, json_body=json_body, headers=headers,
+                                    request_id=request_id, idempotent=idempotent)
+        if not expect_body or not response.content:
+            return None
+        return _decode(response, method, _path_only(path))
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """:meth:`_Sender.send`: the first 2xx response (for operations that read status codes or headers)."""
+        return await self._sender.send(method, path, **kwargs)
 
     async def fetch_page(self, page: PageRequest, *, what: str
                          ) -> tuple[list[Any], PageRequest | None]:
@@ -477,7 +553,10 @@ class PartnerCenterClient:
             seen.add(page)
             page = nxt
 
-    # ------------------------------------------------------------------ customers & subscriptions
+
+class _SubscriptionOps(_ClientBase):
+    """Customers and subscriptions: listing, reading, status updates (incl. 202 Accepted), provisioning status."""
+
 
     @staticmethod
     def first_customer_page(page_size: int = 500) -> PageRequest:
@@ -591,7 +670,10 @@ class PartnerCenterClient:
         return (f"/v1/customers/{_segment(customer_id, 'customer id')}/subscriptions/"
                 f"{_segment(subscription_id, 'subscription id')}")
 
-    # ------------------------------------------------------------------ purchase
+
+class _PurchaseOps(_ClientBase):
+    """Buying: legacy orders, new-commerce carts and checkout, the catalog availability to buy, finding orders."""
+
 
     async def create_order(self, customer_id: str, offer_id: str, quantity: int, *, friendly_name: str,
                            billing_cycle: str, request_id: RequestIdLike,
@@ -737,7 +819,10 @@ class PartnerCenterClient:
                 raise
             raise _rejected(exc, "checkout") from None
 
-    # ------------------------------------------------------------------ users & licenses (App+User only)
+
+class _UserOps(_ClientBase):
+    """Users and licenses (App+User only), and the read-only new-commerce catalog."""
+
 
     @staticmethod
     def first_user_page(customer_id: str, page_size: int = 100) -> PageRequest:
@@ -830,6 +915,14 @@ class PartnerCenterClient:
         return [i for i in items if isinstance(i, Mapping)]
 
 
+class PartnerCenterClient(_SubscriptionOps, _PurchaseOps, _UserOps):
+    """One client per process; share it between concurrent operations.
+
+    ``PartnerCenterClient(endpoint, credential, *, requests_per_minute=500, license_requests_per_minute=300, ...)``;
+    use as ``async with``. Operations raise the typed errors of :mod:`._exceptions`.
+    """
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -875,8 +968,6 @@ def _rejected(exc: ClientError, stage: str) -> PartnerCenterApiError:
         return exc
     rejected = PurchaseRejectedError(exc.status, exc.code, exc.description, stage=stage, method=exc.method,
                                      path=exc.path, data=exc.data, error_name=exc.error_name)
-    if getattr(exc, "maybe_applied", False):
-        rejected.maybe_applied = True  # type: ignore[attr-defined]
     return rejected
 
 
@@ -921,7 +1012,35 @@ def _access_denied(status: int, code: str | None, description: str, method: str,
                              path=path)
 
 
-def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCenterError:
+# Error answer → exception class: by (status, Partner Center code) first, then by status, then by status class.
+# (401/403 that mean the token or the GDAP roles are wrong are decided first, by _access_denied.)
+_ERROR_FOR_CODE: dict[tuple[int, str], type[PartnerCenterApiError]] = {
+    (400, "2055"): PreconditionFailedError,  # "the ETag is no longer valid", sent as a 400
+    # update-a-subscription-by-id / error-codes: 800082 "not ready to be updated", 900278 "pending operation".
+    (409, "800082"): UpdatePendingError,
+    (409, "900278"): UpdatePendingError,
+    (400, "800091"): SubscriptionSuspendedError,  # a repeated suspend: re-read, complete if suspended
+}
+_ERROR_FOR_STATUS: dict[int, type[PartnerCenterApiError]] = {
+    404: NotFoundError,
+    409: ConflictError,
+    412: PreconditionFailedError,
+}
+
+
+def map_error(status: int, code: str | None, *, uncertain_write: bool = False) -> type[PartnerCenterApiError]:
+    """The exception class for an error answer (``uncertain_write``: a 5xx to a write that may have been applied)."""
+    if code is not None and (status, code) in _ERROR_FOR_CODE:
+        return _ERROR_FOR_CODE[status, code]
+    if status in _ERROR_FOR_STATUS:
+        return _ERROR_FOR_STATUS[status]
+    if status >= 500:
+        return UncertainWriteError if uncertain_write else ServerError
+    return ClientError
+
+
+def _api_error(response: httpx.Response, method: str, path: str, *,
+               uncertain_write: bool = False) -> PartnerCenterError:
     """Both documented error shapes: ``{code, description, data, source}`` and ``{code, message, errorName…}``."""
     status = response.status_code
     code: str | None = None
@@ -947,20 +1066,7 @@ def _api_error(response: httpx.Response, method: str, path: str) -> PartnerCente
         denied = _access_denied(status, code, description, method, path)
         if denied is not None:
             return denied
-    cls: type[PartnerCenterApiError]
-    if status >= 500:
-        cls = ServerError
-    elif status == 404:
-        cls = NotFoundError
-    elif status == 409:
-        # update-a-subscription-by-id / error-codes: 800082 "not ready to be updated", 900278 "pending operation".
-        cls = UpdatePendingError if code in ("800082", "900278") else ConflictError
-    elif status == 412 or (status == 400 and code == "2055"):
-        cls = PreconditionFailedError
-    elif status == 400 and code == "800091":
-        cls = SubscriptionSuspendedError
-    else:
-        cls = ClientError
+    cls = map_error(status, code, uncertain_write=uncertain_write)
     return cls(status, code, description, method=method, path=path, data=data, error_name=error_name)
 
 

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+__all__ = [
+    "current_correlation_id",
+    "log_prefix",
+]
+
 current_correlation_id: ContextVar[str | None] = ContextVar("d365_migration_correlation_id", default=None)
 
 

@@ -12,13 +12,16 @@ The hierarchy::
     ├── RolloutRefused                  a rollout-controls change that is not allowed (says why and what to do)
     ├── CancelRefused                   ``cancel`` will not cancel this subscription (not ours, window closed, …)
     └── PartnerCenterError              a Partner Center call failed
-        ├── TransportError              no usable answer: connection reset, timeout (after retries)
+        ├── TransportError              no usable answer (after retries), named by the phase it failed in:
+        │   ├── RequestNotSentError     never reached Partner Center (connect failed): nothing was applied
+        │   └── ResponseLostError       sent, but no answer came back (reset, timeout): it MAY have been applied
         ├── MalformedResponseError      an answer that is not the documented shape (HTML page, truncated JSON…)
         ├── AccessDeniedError           401/403: the token or the GDAP roles are wrong — one stop for the whole step,
         │                               never a per-user failure; ``fix`` names what to do (roles by name)
         ├── LookAgainLater              not a failure: the same check/call will work later (``retry_after``)
         └── PartnerCenterApiError       a documented error answer: carries status, code, description
             ├── ServerError             5xx after retries
+            │   └── UncertainWriteError 5xx to a write that is not safe to repeat: it MAY have been applied
             ├── ThrottledError          429 after the retry budget; carries retry_after
             │   └── RetryAfterTooLongError   Retry-After above what the client will sleep (also LookAgainLater)
             └── ClientError             4xx
@@ -31,12 +34,49 @@ The hierarchy::
                 └── PurchaseRejectedError           cart / line-item / checkout / order business failure
                     └── NoAvailabilityError         no purchasable availability for the term and billing cycle
 
+``error.maybe_applied`` is true exactly for the errors after which the write may have happened (ResponseLostError,
+UncertainWriteError): the caller looks at Partner Center's state before sending it again.
+
 Messages never contain tokens, secrets or Authorization headers.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+__all__ = [
+    "AccessDeniedError",
+    "AuthenticationError",
+    "CancelRefused",
+    "ClientError",
+    "ConcurrencyConflict",
+    "ConfigurationError",
+    "ConflictError",
+    "InvalidMessageError",
+    "LedgerError",
+    "LookAgainLater",
+    "MalformedResponseError",
+    "MigrationError",
+    "NoAvailabilityError",
+    "NotFoundError",
+    "PartnerCenterApiError",
+    "PartnerCenterError",
+    "PreconditionFailedError",
+    "ProvisioningNotReadyError",
+    "PurchaseRejectedError",
+    "RateBudgetUnavailable",
+    "RequestIdReusedError",
+    "RequestNotSentError",
+    "ResponseLostError",
+    "RetryAfterTooLongError",
+    "RolloutRefused",
+    "ServerError",
+    "SubscriptionSuspendedError",
+    "ThrottledError",
+    "TransportError",
+    "UncertainWriteError",
+    "UpdatePendingError",
+]
 
 
 class MigrationError(Exception):
@@ -95,6 +135,9 @@ class CancelRefused(MigrationError):
 class PartnerCenterError(MigrationError):
     """A Partner Center call failed."""
 
+    #: True when the request may have been applied although no success answer arrived (see the module docstring).
+    maybe_applied: bool = False
+
     def __init__(self, message: str, *, method: str = "", path: str = "") -> None:
         self.method = method
         self.path = path
@@ -130,6 +173,16 @@ class AccessDeniedError(PartnerCenterError):
 
 class TransportError(PartnerCenterError):
     """The request got no usable answer (connection error, timeout) after retries."""
+
+
+class RequestNotSentError(TransportError):
+    """The request never reached Partner Center (connection refused, connect timeout): nothing was applied."""
+
+
+class ResponseLostError(TransportError):
+    """The request was sent but no answer came back (connection reset, read timeout): it may have been applied."""
+
+    maybe_applied = True
 
 
 class MalformedResponseError(PartnerCenterError):
@@ -228,3 +281,8 @@ class NoAvailabilityError(PurchaseRejectedError):
 class ServerError(PartnerCenterApiError):
     """5xx that outlasted the retry budget."""
 
+
+class UncertainWriteError(ServerError):
+    """A 5xx answer to a write that is not safe to repeat blindly (a legacy order): it may have been applied."""
+
+    maybe_applied = True

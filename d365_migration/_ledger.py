@@ -32,6 +32,17 @@ from azure.data.tables import TableClient, TableServiceClient, UpdateMode
 
 from ._exceptions import ConcurrencyConflict, LedgerError
 
+__all__ = [
+    "FINAL_STATES",
+    "STATES",
+    "MigrationLedger",
+    "MigrationRecord",
+    "UserOutcome",
+    "correlation_id_for",
+    "record_key",
+    "utcnow",
+]
+
 logger = logging.getLogger("d365_migration.ledger")
 
 STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed",
@@ -109,11 +120,13 @@ class MigrationRecord:
         """A short marker put in the replacement's friendly name, so a purchase can be recognised later."""
         return "d365mig-" + self.correlation_id.replace("-", "")[:12]
 
-    def transition(self, state: str, event: str, detail: str | None = None, **changes: Any) -> MigrationRecord:
-        """A copy in ``state`` with ``changes`` applied and one history entry appended."""
+    def transition(self, state: str, event: str, detail: str | None = None, *, at: datetime | None = None,
+                   **changes: Any) -> MigrationRecord:
+        """A copy in ``state`` with ``changes`` applied and one history entry appended, dated ``at`` (default:
+        now)."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
-        now = utcnow().isoformat()
+        now = (at or utcnow()).isoformat()
         entry: dict[str, Any] = {"at": now, "state": state, "event": event}
         if detail:
             entry["detail"] = detail[:500]
@@ -246,11 +259,15 @@ class MigrationLedger:
         return replace(record, etag=metadata.get("etag"))
 
     async def claim(self, record: MigrationRecord, owner: str, *, lease: timedelta,
-                    dead_owners: Callable[[str], bool] | None = None) -> MigrationRecord:
+                    dead_owners: Callable[[str], bool] | None = None, now: datetime | None = None
+                    ) -> MigrationRecord:
         """Take a short lease on the record before acting. Raises :class:`ConcurrencyConflict` if another worker
         holds an unexpired lease, or wins the race to write it. ``dead_owners(owner)`` says whether a lease holder
-        is known to be gone (an invocation of this process that crashed), whose lease may be taken at once."""
-        now = utcnow()
+        is known to be gone (an invocation of this process that crashed), whose lease may be taken at once.
+
+        :raises ConcurrencyConflict: another worker holds the lease or changed the record first.
+        """
+        now = now or utcnow()
         holder = record.lease_owner
         if holder and holder != owner and record.lease_until and not (dead_owners and dead_owners(holder)):
             until = datetime.fromisoformat(record.lease_until)

@@ -13,6 +13,17 @@ from typing import Any, Literal
 from ._exceptions import InvalidMessageError
 from ._settings import is_guid
 
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "QUEUE_FOR_STEP",
+    "SCAN_QUEUE",
+    "SCHEMA_VERSION",
+    "STEPS",
+    "ScanMessage",
+    "Step",
+    "StepMessage",
+]
+
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 48 * 1024  # 64 KiB after Base64
 Step = Literal["purchase", "reassign", "suspend"]

@@ -15,6 +15,31 @@ from typing import Any
 
 from ._exceptions import MalformedResponseError, PurchaseRejectedError
 
+__all__ = [
+    "FAR_FUTURE_YEAR",
+    "Availability",
+    "AvailabilityTerm",
+    "Cart",
+    "CartLineItemError",
+    "CheckoutResult",
+    "Customer",
+    "CustomerUser",
+    "License",
+    "LicenseUpdateResult",
+    "LicenseWarning",
+    "Order",
+    "OrderError",
+    "OrderLineItem",
+    "ProductSku",
+    "ProvisioningStatus",
+    "SubscribedSku",
+    "Subscription",
+    "UpdateAccepted",
+    "get_ci",
+    "parse_datetime",
+    "same_id",
+]
+
 
 def get_ci(obj: Mapping[str, Any], key: str, default: Any = None) -> Any:
     """``obj[key]``, matching the key case-insensitively (camelCase documented, PascalCase seen)."""

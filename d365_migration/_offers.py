@@ -28,6 +28,17 @@ from ._catalog import RetiredOfferCatalog, normalize_offer_name
 from ._client import PartnerCenterClient
 from ._models import get_ci
 
+__all__ = [
+    "PRICES_NOT_AVAILABLE",
+    "SEGMENT_FOR_AUDIENCE",
+    "OfferCandidate",
+    "Term",
+    "audience_of_sku",
+    "find_replacements",
+    "replacement_offers_json",
+    "replacement_titles",
+]
+
 logger = logging.getLogger("d365_migration.offers")
 
 SEGMENT_FOR_AUDIENCE = {"commercial": "commercial", "faculty": "education", "students": "education",

@@ -16,6 +16,10 @@ from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64Decod
 
 from ._exceptions import LedgerError
 
+__all__ = [
+    "QueueSender",
+]
+
 
 class QueueSender:
     def __init__(self, service: QueueServiceClient) -> None:

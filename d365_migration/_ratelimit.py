@@ -27,6 +27,11 @@ class Pacer(Protocol):
 
     def on_success(self) -> None: ...
 
+__all__ = [
+    "Pacer",
+    "RateLimiter",
+]
+
 
 class RateLimiter:
     def __init__(

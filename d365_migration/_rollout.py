@@ -45,6 +45,19 @@ from ._exceptions import ConcurrencyConflict, LedgerError, RolloutRefused
 from ._ledger import utcnow
 from ._settings import Settings, is_guid
 
+__all__ = [
+    "AUDIT_PREFIX",
+    "CONTROLS_ROW",
+    "PARTITION",
+    "AuditEntry",
+    "RolloutControls",
+    "RolloutStore",
+    "controls_from_settings",
+    "default_actor",
+    "load_effective_controls",
+    "parse_customer_ids",
+]
+
 logger = logging.getLogger("d365_migration.rollout")
 
 PARTITION = "rollout"

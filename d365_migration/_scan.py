@@ -19,6 +19,16 @@ from ._client import PartnerCenterClient
 from ._exceptions import PartnerCenterError
 from ._models import Customer, Subscription
 
+__all__ = [
+    "Candidate",
+    "CustomerScan",
+    "LeftAlone",
+    "evaluate",
+    "scan_all",
+    "scan_customer",
+    "scan_page",
+]
+
 
 @dataclass(frozen=True)
 class Candidate:

@@ -18,6 +18,24 @@ from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
 
+__all__ = [
+    "APP_SETTINGS",
+    "AUDIENCES",
+    "DEFAULT_AUTHORITY",
+    "DEFAULT_DETECT_SCHEDULE",
+    "DEFAULT_ENDPOINT",
+    "FAMILIES",
+    "AuthMode",
+    "ReplacementOffers",
+    "ReplacementTarget",
+    "Settings",
+    "is_catalog_item_id",
+    "is_guid",
+    "is_loopback_url",
+    "is_product_sku_id",
+    "load_settings",
+]
+
 #: Every app setting the code reads (besides the ``AzureWebJobsStorage__*`` family, which the host reads too).
 APP_SETTINGS: tuple[str, ...] = (
     "PARTNER_CENTER_ENDPOINT",

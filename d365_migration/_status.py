@@ -11,6 +11,12 @@ from ._ledger import STATES, MigrationLedger, MigrationRecord
 
 if TYPE_CHECKING:
     from ._settings import Settings
+__all__ = [
+    "load_status",
+    "render_html",
+    "retry_command",
+    "status_document",
+]
 
 
 def retry_command(record: MigrationRecord) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib
 import json
 import logging
 import os
@@ -16,13 +17,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TextIO
 
 from ._exceptions import ConfigurationError, MigrationError
-from ._ledger import FINAL_STATES, MigrationRecord
+from ._ledger import MigrationRecord
 from ._settings import Settings
 
+__all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", "main", "print_records", "retry"]
+
 APP_ROOT = Path(__file__).resolve().parent.parent
+#: Where the developer tooling's commands live (see :func:`_tooling`).
+TOOLING_MODULE = "d365_migration.demo"
 
 
 def _console(file: TextIO | None = None) -> Any:
@@ -117,47 +123,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     return 1 if errors else 0
 
 
-# ---------------------------------------------------------------------------------------------------- run
-
-
-async def _all_final(settings: Settings) -> bool:
-    records = await _records(settings)
-    return bool(records) and all(r.state in FINAL_STATES for r in records)
-
-
-async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: float,
-                       host_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fire the timer once, then serve the queues until every record is final (or the timeout)."""
-    from .localhost import LocalHost
-
-    if not settings.storage_connection:
-        raise ConfigurationError("AzureWebJobsStorage", "run needs a storage connection string",
-                                 "set AzureWebJobsStorage (e.g. Azurite's connection string)")
-    # function.json reads the schedule as %DETECT_SCHEDULE%; the local host must be able to resolve it
-    env = {"DETECT_SCHEDULE": settings.detect_schedule, **env}
-    overrides = {"maxPollingInterval": 0.5, "visibilityTimeout": 2.0, **(host_overrides or {})}
-    async with LocalHost(APP_ROOT, connection_string=settings.storage_connection, env=env,
-                         host_overrides=overrides) as host:
-        await host.fire_timer("detect_expiring")
-        if settings.dry_run:
-            report = None
-        else:
-            async def done() -> bool:
-                return await _all_final(settings)
-
-            report = await host.run(until=done, timeout=timeout, idle_seconds=3.0)
-    return {"host": report}
-
-
-async def _records(settings: Settings) -> list[MigrationRecord]:
-    from ._app import storage_clients
-
-    ledger, queues = storage_clients(settings)
-    try:
-        return await ledger.list_records()
-    finally:
-        ledger.close()
-        queues.close()
+# ---------------------------------------------------------------------------------------------------- ledger
 
 
 def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations") -> None:
@@ -172,55 +138,30 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
     _console(out).print(table)
 
 
-# ---------------------------------------------------------------------------------------------------- retry
+async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
+    """Re-drive a failed or blocked record from the step it stopped at (``steps/redrive.py``). Safe to run twice."""
+    from ._app import open_storage
+    from .steps import redrive
+
+    async with open_storage(settings) as (ledger, queues):
+        result = await redrive.run(ledger, queues, target, buy_anyway=buy_anyway)
+    out.write(result.describe() + "\n")
+    return result.exit_code
 
 
-async def _retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
-    """Re-drive a failed or blocked record from the step it stopped at. Safe to run twice."""
-    from ._app import storage_clients
-    from ._ledger import utcnow
-    from ._messages import StepMessage
+# ---------------------------------------------------------------------------------------------------- tooling
 
-    ledger, queues = storage_clients(settings)
+
+def _tooling() -> ModuleType:
+    """The developer tooling (Partner Center sandbox, local host, demo). It is not part of the deployed app, so the
+    commands that need it (run, sandbox, demo) load it by name; they work from a clone of the repository."""
     try:
-        wanted = target.lower().split("/")
-        matches = [r for r in await ledger.list_records()
-                   if r.key[1] == wanted[-1] and (len(wanted) == 1 or r.key[0] == wanted[0])]
-        if not matches:
-            out.write(f"no record for {target}\n")
-            return 2
-        record = matches[0]
-        if record.state not in ("failed", "blocked"):
-            out.write(f"record {record.customer_id}/{record.subscription_id} is {record.state}; nothing to re-drive\n")
-            return 0
-        refused = record.state == "failed" and bool(record.history) and record.history[-1].get("event") in (
-            "order_rejected", "checkout_rejected", "checkout_order_errors")
-        if refused:
-            # Partner Center refused the purchase, so nothing was bought: start over with the current mapping (the
-            # purchase step re-checks the old subscription; the tag search still prevents a second purchase).
-            record = replace(record, replacement_offer_id=None, cart_id=None, order_id=None,
-                             order_attempted_at=None, purchase_started_at=None)
-        if not record.new_subscription_id:
-            state, step = ("purchasing" if (record.cart_id or record.order_id or record.order_attempted_at)
-                           else "detected"), "purchase"
-        else:
-            state, step = "reassigning" if record.old_sku_id else "purchased", "reassign"
-        # A re-driven purchase gets a fresh provisioning clock; the recorded cart/order ids stay, so nothing is
-        # bought twice.
-        restarted = utcnow().isoformat() if step == "purchase" and record.purchase_started_at else None
-        updated = await ledger.save(replace(record, lease_owner=None, lease_until=None,
-                                            buy_anyway=record.buy_anyway or buy_anyway,
-                                            purchase_started_at=restarted or record.purchase_started_at).transition(
-            state, "retry", f"re-driven by an operator from {record.state}"))
-        message = StepMessage(step=step, customer_id=updated.customer_id,  # type: ignore[arg-type]
-                              subscription_id=updated.subscription_id, correlation_id=updated.correlation_id)
-        await queues.send(message.queue, message.to_json())
-        out.write(f"re-driven {updated.customer_id}/{updated.subscription_id}: {record.state} → {state}; "
-                  f"queued {message.queue}\n")
-        return 0
-    finally:
-        ledger.close()
-        queues.close()
+        return importlib.import_module(TOOLING_MODULE)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not TOOLING_MODULE.startswith(exc.name):
+            raise
+        raise MigrationError(f"this command needs the developer tooling ({TOOLING_MODULE}), which is not part of "
+                             f"the deployed app: run it from a clone of the repository ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
@@ -449,40 +390,6 @@ async def _cancel(settings: Settings, target: str, out: TextIO, *, by: str | Non
         queues.close()
 
 
-# ---------------------------------------------------------------------------------------------------- demo
-
-
-def _demo(args: argparse.Namespace, out: TextIO) -> int:
-    from .demo import run_demo
-
-    return run_demo(customers=args.customers, seed=args.seed, timeout=args.timeout, out=out)
-
-
-# ---------------------------------------------------------------------------------------------------- sandbox
-
-
-def _serve_sandbox(port: int, customers: int, seed: int, out: TextIO, config: str | None = None) -> int:
-    import time
-
-    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
-
-    state = SandboxState()
-    manifest = seed_world(state, customers=customers, seed=seed)
-    sandbox_config = SandboxConfig()
-    if config:
-        sandbox_config.apply_patch(json.loads(config))
-    with SandboxServer(state, sandbox_config, port=port) as server:
-        out.write(f"Partner Center sandbox on {server.url} ({customers} customers, "
-                  f"{len(manifest.expected)} expiring qualified subscriptions). State: {server.url}/_sandbox/state\n"
-                  f"Try:\n  export PARTNER_CENTER_ENDPOINT={server.url} PARTNER_CENTER_AUTH=none\n"
-                  f"  export REPLACEMENT_OFFERS='{json.dumps(DEMO_REPLACEMENT_OFFERS)}'\n"
-                  "  python -m d365_migration plan\nCtrl-C stops it.\n")
-        out.flush()
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return 0
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -579,15 +486,17 @@ def _add_rollout_parser(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    from ._app import read_records
+
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
-            return _demo(args, out)
+            return int(_tooling().run_demo(customers=args.customers, seed=args.seed, timeout=args.timeout, out=out))
         if args.command == "sandbox":
-            return _serve_sandbox(args.port, args.customers, args.seed, out, args.config)
+            return int(_tooling().serve_sandbox(args.port, args.customers, args.seed, out, args.config))
         load_local_settings(Path.cwd() / "local.settings.json")
         settings = Settings.from_env()
         if args.command == "consent":
@@ -597,12 +506,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "plan":
             return asyncio.run(_plan(settings, args.fmt or "table", args.all, out))
         if args.command == "run":
-            asyncio.run(run_pipeline(settings, dict(os.environ), timeout=args.timeout))
-            records = asyncio.run(_records(settings))
+            asyncio.run(_tooling().run_pipeline(settings, dict(os.environ), timeout=args.timeout))
+            records = asyncio.run(read_records(settings))
             print_records(records, out)
             return 1 if any(r.state == "failed" for r in records) else 0
         if args.command == "status":
-            records = asyncio.run(_records(settings))
+            records = asyncio.run(read_records(settings))
             if args.json:
                 json.dump([{**r.to_entity(), "History": r.history} for r in records], out, indent=2, default=str)
                 out.write("\n")
@@ -616,7 +525,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "rollout":
             return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
-            return asyncio.run(_retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,9 @@
 """``make demo``: Azurite + the Partner Center sandbox + the four functions on the local host, then a report.
 
+Developer tooling, not part of the deployed app: the CLI's ``run``, ``sandbox`` and ``demo`` commands load this
+module by name (``cli.TOOLING_MODULE``). It uses only the app's public seams (``_app.read_records``,
+``steps.redrive``), never the CLI's internals.
+
 The report has one row per migration (customer, old offer, replacement, quantity, users moved, state), then what was
 left untouched and why, then an independent check of the sandbox's final state: every expected migration bought
 once with the right offer and quantity, every user on the new SKU, the old subscription suspended last, and
@@ -18,10 +22,70 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
-from ._ledger import MigrationRecord
+from ._app import open_storage, read_records
+from ._exceptions import ConfigurationError
+from ._ledger import FINAL_STATES, MigrationRecord
 from ._settings import Settings
+from .steps import redrive
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: float,
+                       host_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fire the timer once, then serve the queues on the local host until every record is final (or the timeout)."""
+    from .localhost import LocalHost
+
+    if not settings.storage_connection:
+        raise ConfigurationError("AzureWebJobsStorage", "run needs a storage connection string",
+                                 "set AzureWebJobsStorage (e.g. Azurite's connection string)")
+    # function.json reads the schedule as %DETECT_SCHEDULE%; the local host must be able to resolve it
+    env = {"DETECT_SCHEDULE": settings.detect_schedule, **env}
+    overrides = {"maxPollingInterval": 0.5, "visibilityTimeout": 2.0, **(host_overrides or {})}
+    async with LocalHost(APP_ROOT, connection_string=settings.storage_connection, env=env,
+                         host_overrides=overrides) as host:
+        await host.fire_timer("detect_expiring")
+        if settings.dry_run:
+            report = None
+        else:
+            async def done() -> bool:
+                records = await read_records(settings)
+                return bool(records) and all(r.state in FINAL_STATES for r in records)
+
+            report = await host.run(until=done, timeout=timeout, idle_seconds=3.0)
+    return {"host": report}
+
+
+def serve_sandbox(port: int, customers: int, seed: int, out: TextIO, config: str | None = None) -> int:
+    """``python -m d365_migration sandbox``: serve a seeded Partner Center sandbox until Ctrl-C."""
+    from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
+
+    state = SandboxState()
+    manifest = seed_world(state, customers=customers, seed=seed)
+    sandbox_config = SandboxConfig()
+    if config:
+        sandbox_config.apply_patch(json.loads(config))
+    with SandboxServer(state, sandbox_config, port=port) as server:
+        out.write(f"Partner Center sandbox on {server.url} ({customers} customers, "
+                  f"{len(manifest.expected)} expiring qualified subscriptions). State: {server.url}/_sandbox/state\n"
+                  f"Try:\n  export PARTNER_CENTER_ENDPOINT={server.url} PARTNER_CENTER_AUTH=none\n"
+                  f"  export REPLACEMENT_OFFERS='{json.dumps(DEMO_REPLACEMENT_OFFERS)}'\n"
+                  "  python -m d365_migration plan\nCtrl-C stops it.\n")
+        out.flush()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+
+
+async def _redrive(settings: Settings, target: str, out: TextIO) -> None:
+    async with open_storage(settings) as (ledger, queues):
+        result = await redrive.run(ledger, queues, target)
+    out.write(result.describe() + "\n")
 
 
 def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
@@ -137,7 +201,6 @@ def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: l
 
 
 def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out: TextIO | None = None) -> int:
-    from .cli import _records, _retry, run_pipeline
     from .localhost import AzuriteProcess
     from .sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
 
@@ -166,7 +229,7 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
             out.write(f"Sandbox at {sandbox.url}; Azurite on 127.0.0.1. Running detect → purchase → reassign → "
                       "suspend through the local host…\n")
             asyncio.run(run_pipeline(settings, env, timeout=timeout))
-            records = asyncio.run(_records(settings))
+            records = asyncio.run(read_records(settings))
             blocked = [r for r in records if r.state == "blocked" and "usage location" in (r.reason or "")]
             if blocked:
                 out.write(f"\n{len(blocked)} migration(s) blocked: a user has no usage location, so their license "
@@ -175,9 +238,9 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
                 for cid, uid in manifest.users_without_usage_location:
                     state.set_usage_location(cid, uid, "US")
                 for r in blocked:
-                    asyncio.run(_retry(settings, f"{r.customer_id}/{r.subscription_id}", out))
+                    asyncio.run(_redrive(settings, f"{r.customer_id}/{r.subscription_id}", out))
                 asyncio.run(run_pipeline(settings, env, timeout=timeout))
-                records = asyncio.run(_records(settings))
+                records = asyncio.run(read_records(settings))
             problems = verify_world(state, manifest, records, initial)
             left = [(d.customer_id, d.offer_name, d.reason) for d in manifest.distractors]
             out.write("\n")

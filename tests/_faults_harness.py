@@ -32,7 +32,7 @@ import functools
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ from d365_migration import _app
 from d365_migration._client import PartnerCenterClient
 from d365_migration._ledger import FINAL_STATES, MigrationLedger, MigrationRecord
 from d365_migration._messages import StepMessage
-from d365_migration._pipeline import MigrationService
 from d365_migration.demo import verify_world
 from d365_migration.localhost import LocalHost
 from d365_migration.sandbox import (
@@ -62,6 +61,7 @@ from d365_migration.sandbox import (
     sku_for_offer,
 )
 from d365_migration.sandbox._faults import SlidingWindow
+from d365_migration.steps import Work, observe_steps
 from tests._azurite_plugin import wipe_account
 
 APP_ROOT = Path(d365_migration.__file__).resolve().parent.parent
@@ -318,7 +318,7 @@ class _Hooks:
     @staticmethod
     def _record_key_for(name: str, customer_id: str, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> tuple[str, str] | None:
-        """The record whose step made this call: the step message being handled (set by ``wrap_step``)."""
+        """The record whose step made this call: the step message being handled (set by ``around_step``)."""
         message = _CURRENT_MESSAGE.get()
         if message is None or message.customer_id.lower() != customer_id.lower():
             return None
@@ -339,20 +339,15 @@ class _Hooks:
 
         return wrapper
 
-    # --- human changes, made right before a step runs for the target record
-    def wrap_step(self, step: str, original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        hooks = self
-
-        @functools.wraps(original)
-        async def wrapper(self: MigrationService, holder: dict[str, MigrationRecord], message: StepMessage) -> Any:
-            hooks.before_step(step, holder["record"])
-            token = _CURRENT_MESSAGE.set(message)
-            try:
-                return await original(self, holder, message)
-            finally:
-                _CURRENT_MESSAGE.reset(token)
-
-        return wrapper
+    # --- human changes, made right before a step runs for the target record (the steps' public observer seam)
+    @contextlib.asynccontextmanager
+    async def around_step(self, work: Work) -> AsyncIterator[None]:
+        self.before_step(work.message.step, work.record)
+        token = _CURRENT_MESSAGE.set(work.message)
+        try:
+            yield
+        finally:
+            _CURRENT_MESSAGE.reset(token)
 
     def before_step(self, step: str, record: MigrationRecord) -> None:
         em = self.target
@@ -405,9 +400,7 @@ class _Hooks:
                 original = getattr(PartnerCenterClient, name)
                 stack.enter_context(mock.patch.object(PartnerCenterClient, name, self.wrap_client(name, original)))
             stack.enter_context(mock.patch.object(MigrationLedger, "save", self.wrap_save(MigrationLedger.save)))
-            for step in ("purchase", "reassign", "suspend"):
-                original = getattr(MigrationService, f"_{step}")
-                stack.enter_context(mock.patch.object(MigrationService, f"_{step}", self.wrap_step(step, original)))
+            stack.enter_context(observe_steps(self))
             if self.scenario.client_timeout_s is not None:
                 timeout = httpx.Timeout(self.scenario.client_timeout_s)
                 stack.enter_context(mock.patch.object(

@@ -15,8 +15,6 @@ pytest_plugins = ["tests._azurite_plugin", "tests._sandbox_plugin"]
 def fresh_services() -> Iterator[None]:
     """The app builds one service per event loop and reads settings when it does; host.json's dequeue limit is
     cached. No test may inherit another test's."""
-    _app._services.clear()
-    _app._host_json_max_dequeue_count.cache_clear()
+    _app.forget_services()
     yield
-    _app._services.clear()
-    _app._host_json_max_dequeue_count.cache_clear()
+    _app.forget_services()

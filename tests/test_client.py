@@ -21,9 +21,13 @@ from d365_migration import (
     NotFoundError,
     PartnerCenterClient,
     PreconditionFailedError,
+    RequestNotSentError,
+    ResponseLostError,
     ServerError,
     TransportError,
+    UncertainWriteError,
 )
+from d365_migration._client import map_error
 from d365_migration._models import Subscription
 
 CUST = "3f9b2d10-6c2e-4b8f-a1d4-7e5c9a0b2f61"
@@ -175,6 +179,7 @@ async def test_non_idempotent_write_is_not_retried_after_an_ambiguous_failure() 
                                   billing_cycle="monthly", request_id="11111111-1111-1111-1111-111111111111")
     assert calls == 1
     assert getattr(info.value, "maybe_applied", False) is True
+    assert isinstance(info.value, UncertainWriteError)  # named for what it means, not flagged afterwards
 
 
 async def test_connect_error_is_retried_even_for_a_non_idempotent_write() -> None:
@@ -341,8 +346,55 @@ async def test_transport_error_after_retries() -> None:
         raise httpx.ConnectError("refused", request=request)
 
     client, _ = make_client(handler, max_attempts=2)
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError) as info:
         await client.get_subscription(CUST, SUB)
+    assert isinstance(info.value, RequestNotSentError) and info.value.maybe_applied is False
+
+
+async def test_a_write_whose_answer_is_lost_raises_response_lost_at_once() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    client, _ = make_client(handler)
+    with pytest.raises(ResponseLostError) as info:
+        await client.create_order(CUST, "7A1C2E3B-4D5F-4A6B-8C9D-0E1F2A3B4C5D", 3, friendly_name="x",
+                                  billing_cycle="monthly", request_id="11111111-1111-1111-1111-111111111111")
+    assert calls == 1 and info.value.maybe_applied is True
+    assert isinstance(info.value, TransportError)
+
+
+async def test_a_read_whose_answer_is_lost_is_retried_with_the_same_request_id() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["MS-RequestId"])
+        if len(seen) == 1:
+            raise httpx.RemoteProtocolError("reset", request=request)
+        return httpx.Response(200, json=sub_json())
+
+    client, _ = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    assert len(seen) == 2 and seen[0] == seen[1]
+
+
+@pytest.mark.parametrize(("status", "code", "expected"), [
+    (404, None, NotFoundError),
+    (409, "800060", ConflictError),
+    (412, None, PreconditionFailedError),
+    (400, "2055", PreconditionFailedError),
+    (400, "2091", ClientError),
+    (403, None, ClientError),
+    (500, None, ServerError),
+    (503, "800003", ServerError),
+])
+def test_map_error_is_one_table_from_status_and_code_to_exception(status: int, code: str | None,
+                                                                   expected: type[Exception]) -> None:
+    assert map_error(status, code) is expected
+    assert map_error(500, None, uncertain_write=True) is UncertainWriteError
 
 
 async def test_retry_log_lines_carry_the_migrations_correlation_id(caplog: pytest.LogCaptureFixture) -> None:

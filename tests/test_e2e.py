@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from d365_migration import Settings
-from d365_migration.cli import _records, main, run_pipeline
-from d365_migration.demo import verify_world
+from d365_migration._app import read_records
+from d365_migration.cli import main
+from d365_migration.demo import run_pipeline, verify_world
 from d365_migration.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
@@ -56,7 +57,7 @@ async def test_whole_chain_migrates_exactly_what_it_should(world: Any, storage: 
         monkeypatch.setenv(k, v)
     settings = Settings.from_env()
     await run_pipeline(settings, env, timeout=120, host_overrides=HOST)
-    records = await _records(settings)
+    records = await read_records(settings)
     assert len(records) == len(manifest.expected)
     assert {r.state for r in records} == {"completed"}, [(r.offer_name, r.state, r.reason) for r in records]
     assert verify_world(server.state, manifest, records, initial, offers) == []
@@ -78,7 +79,7 @@ async def test_dry_run_records_but_changes_nothing(world: Any, storage: str, mon
         await host.fire_timer("detect_expiring")
         report = await host.run(timeout=60, idle_seconds=1.0)
     assert report.functions["purchase_new"].invocations == 0
-    records = await _records(settings)
+    records = await read_records(settings)
     assert {r.state for r in records} == {"detected"}
     assert len(records) == len(manifest.expected)
     assert server.state.purchases() == [] and server.state.patches() == [] and server.state.license_updates() == []

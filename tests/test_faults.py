@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from d365_migration import _app
 from d365_migration._messages import StepMessage
-from d365_migration._pipeline import MigrationService
+from d365_migration.steps import Work, observe_steps
 from tests._faults_harness import (
     EXTRA_KINDS,
     KINDS,
@@ -29,6 +30,7 @@ from tests._faults_harness import (
     format_table,
     run_scenario,
 )
+from tests.steps._world import detect
 
 
 def _small(kind: str, seed: int, **changes: object) -> Scenario:
@@ -111,7 +113,7 @@ async def test_a_duplicate_delivery_in_the_same_process_does_not_fail_the_record
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     service = _app.get_service()
-    report = await service.detect()
+    report = await detect(service)
     purchase = report.purchase_messages[0]
     record = None
     for _ in range(20):  # purchase → purchased (the sandbox provisions at once)
@@ -126,25 +128,26 @@ async def test_a_duplicate_delivery_in_the_same_process_does_not_fail_the_record
                        purchase.correlation_id).to_json().encode()
 
     b_finished = asyncio.Event()
-    original = MigrationService._reassign
     stalled: list[bool] = []
 
-    async def first_one_stalls(self: MigrationService, holder: Any, message: StepMessage) -> Any:
-        if not stalled:
-            stalled.append(True)
-            await b_finished.wait()  # A holds its claim here, stalled
-        return await original(self, holder, message)
+    class FirstOneStalls:
+        @contextlib.asynccontextmanager
+        async def around_step(self, work: Work) -> AsyncIterator[None]:
+            if work.message.step == "reassign" and not stalled:
+                stalled.append(True)
+                await b_finished.wait()  # A holds its claim here, stalled
+            yield
 
-    monkeypatch.setattr(MigrationService, "_reassign", first_one_stalls)
-    delivery_a = asyncio.create_task(_app.run_step("reassign", body, _app.max_dequeue_count()))
-    for _ in range(100):
-        if stalled:
-            break
-        await asyncio.sleep(0.05)
-    await _app.run_step("reassign", body, 1)  # delivery B: passes the claim A holds, and finishes the step
-    b_finished.set()
-    with contextlib.suppress(Exception):
-        await delivery_a
+    with observe_steps(FirstOneStalls()):
+        delivery_a = asyncio.create_task(_app.run_step("reassign", body, _app.max_dequeue_count()))
+        for _ in range(100):
+            if stalled:
+                break
+            await asyncio.sleep(0.05)
+        await _app.run_step("reassign", body, 1)  # delivery B: passes the claim A holds, and finishes the step
+        b_finished.set()
+        with contextlib.suppress(Exception):
+            await delivery_a
     record = await service.ledger.get(purchase.customer_id, purchase.subscription_id)
     assert record is not None
     assert record.state == "reassigned", [h.get("event") for h in record.history]

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 import d365_migration._app as app_module
+from d365_migration import APP_SETTINGS, ConfigurationError, MigrationLedger, MigrationRecord, Settings
+from d365_migration._app import build_credential
 from d365_migration.localhost import LocalHost
 from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxServer, SandboxState
 
@@ -168,3 +170,30 @@ async def test_rollout_controls_are_shown_and_stored_controls_decide_the_mode(st
     assert doc["dryRun"] is False  # the stored controls, not DRY_RUN=true, decide
     assert "Rollout controls" in page and customer in page and "at most 4 purchase(s)" in page
     assert "Paused: wrong &lt;b&gt;replacement&lt;/b&gt; id" in page and "<b>replacement" not in page
+
+
+async def test_status_reads_the_ledger_with_no_partner_center_settings_or_credentials(
+        storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page an operator needs when the Partner Center credential is broken must not depend on it: with no
+    PARTNER_CENTER_* setting at all (so app-user auth has no client id, secret or refresh token), status still
+    reads the ledger, and the Partner Center service is never built."""
+    for name in APP_SETTINGS:
+        if name.startswith("PARTNER_CENTER") or name == "KEY_VAULT_URL":
+            monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigurationError):  # what building the Partner Center side would do here
+        build_credential(Settings.from_env({"AzureWebJobsStorage": storage}))
+    cid, sid = str(uuid.uuid4()), str(uuid.uuid4())
+    ledger = MigrationLedger.from_connection_string(storage)
+    try:
+        record, _ = await ledger.create_if_absent(MigrationRecord(cid, sid, offer_name="Dynamics 365 for Sales"))
+        await ledger.save(record.transition("blocked", "no_replacement", "no REPLACEMENT_OFFERS entry"))
+    finally:
+        ledger.close()
+    env = {"DETECT_SCHEDULE": "0 0 6 * * *", "DRY_RUN": "false", "CUSTOMER_ALLOWLIST": cid}
+    async with LocalHost(REPO, connection_string=storage, env=env, functions=["status"]) as host:
+        doc = await status_json(host)
+        page = (await host.call_http("status")).get_body().decode()
+    assert doc["total"] == 1 and doc["counts"]["blocked"] == 1 and doc["dryRun"] is False
+    assert doc["attention"][0]["subscriptionId"] == sid and "REPLACEMENT_OFFERS" in doc["attention"][0]["reason"]
+    assert "Needs attention (1)" in page
+    assert len(app_module._services) == 0  # no Partner Center client, no credential

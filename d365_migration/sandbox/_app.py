@@ -20,6 +20,7 @@ from ._catalog import product_mapping
 from ._config import SandboxConfig
 from ._faults import SlidingWindow, is_app_only, jwt_payload
 from ._products import product_routes
+from ._seed import seed_world
 from ._state import ApiError, SandboxState, link
 
 JSON_CT = "application/json; charset=utf-8"
@@ -257,7 +258,7 @@ def _admin_routes(app: SandboxApp) -> list[Route]:
     async def reset(request: Request) -> Response:
         raw = await request.body()
         params = json.loads(raw) if raw.strip() else {}
-        state.reset(customers=params.get("customers"), seed=params.get("seed"))
+        state.reset(customers=params.get("customers"), seed=params.get("seed"), reseed=seed_world)
         app.general.clear()
         app.license.clear()
         return _json(200, {"ok": True, "customers": len(state.customer_ids())})

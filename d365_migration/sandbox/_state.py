@@ -1146,8 +1146,10 @@ class SandboxState:
             self._seen_writes.add(key)
             return True
 
-    def reset(self, *, customers: int | None = None, seed: int | None = None) -> None:
-        """Wipe everything. Re-seed with the last seed_world parameters (or the given ones) if any."""
+    def reset(self, *, customers: int | None = None, seed: int | None = None,
+              reseed: Callable[..., Any] | None = None) -> None:
+        """Wipe everything. Re-seed with ``reseed`` (``seed_world``, passed in so this module does not import the
+        seeder that imports it) and the last seed_world parameters (or the given ones) if any."""
         with self.lock:
             params = dict(self._seed_params or {})
             self._clear()
@@ -1156,10 +1158,8 @@ class SandboxState:
                 params["customers"] = customers
             if seed is not None:
                 params["seed"] = seed
-            if params:
-                from ._seed import seed_world
-
-                seed_world(self, **params)
+            if params and reseed is not None:
+                reseed(self, **params)
 
 
 def _reseller(participants: Any) -> str:

@@ -1,0 +1,256 @@
+"""Runbook step 2 — buy the replacement subscription, once, and wait until it is active.
+
+Read top to bottom, for one record:
+
+1. Already bought (the record is past ``purchasing``)? Hand the record on.
+2. Is there a ``REPLACEMENT_OFFERS`` entry for the record's family and audience? If not, block.
+3. First time here (``detected``): does the old subscription still qualify (active, not auto-renewing), and is there
+   no untagged subscription of the replacement bought by hand since detection? Otherwise block, nothing bought.
+4. Recover what an earlier attempt may have done without us seeing the answer (an order carrying our tag).
+5. Find the replacement (by recorded id, order, or friendly-name tag); only if there is none and no order, buy:
+   new commerce through a cart (recorded before checkout; checkout is idempotent per cart), legacy through an order
+   (recorded before sending; re-sent with the same MS-RequestId only after the order list's documented lag).
+6. Not active yet → look again later (:class:`RetryLater`) until ``PROVISIONING_TIMEOUT_MINUTES``; active → record
+   it (``purchased``) and hand the record to the license move.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from .._client import deterministic_request_id
+from .._exceptions import ConflictError, NotFoundError, PartnerCenterApiError
+from .._ledger import MigrationRecord
+from .._models import Order, Subscription, same_id
+from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
+from ._routes import states_owned_by
+from ._work import RetryLater, StepResult, Work
+
+__all__ = ["friendly_name", "run"]
+
+
+async def run(work: Work) -> StepResult:
+    """The purchase step for ``work.record``.
+
+    :raises RetryLater: the replacement is not active yet, or Partner Center is still processing the order.
+    :raises PartnerCenterError: a call failed after the client's retries (the message is retried).
+    """
+    record = work.record
+    if record.state not in states_owned_by("purchase"):
+        return work.hand_over("already purchased")
+
+    replacement = work.settings.replacement_offers.lookup(record.family or "", record.audience or "")
+    if replacement is None:
+        await work.transition(
+            "blocked", "no_replacement",
+            f"no REPLACEMENT_OFFERS entry for {record.family}.{record.audience}; add one, then "
+            "`python -m d365_migration retry`")
+        return work.stop("blocked")
+
+    listed: list[Subscription] | None = None
+    if record.state == "detected":
+        listed = await _check_still_qualifies(work, replacement)
+        if listed is None:
+            return work.stop("blocked")
+
+    await _recover_order(work)
+    new_sub = await _find_replacement(work, listed)
+    if new_sub is None and not work.record.order_id:
+        offer = work.record.replacement_offer_id or replacement
+        if ":" in offer:
+            await _buy_through_cart(work, offer)
+        else:
+            await _buy_through_order(work, offer)
+        if work.record.state == "failed":
+            return work.stop("failed")
+        new_sub = await _find_replacement(work)
+
+    if new_sub is None or new_sub.status != "active":
+        timeout = work.settings.provisioning_timeout_minutes
+        started = datetime.fromisoformat(work.record.purchase_started_at or work.now().isoformat())
+        if work.now() - started > timedelta(minutes=timeout):
+            await work.transition(
+                "failed", "provisioning_timeout",
+                f"replacement not active {timeout} min after purchase (order {work.record.order_id}, cart "
+                f"{work.record.cart_id}); check the order in Partner Center")
+            return work.stop("failed")
+        raise RetryLater(f"replacement subscription {new_sub.status if new_sub else 'not visible yet'}")
+
+    await work.transition("purchased", "replacement_active", f"new subscription {new_sub.id}",
+                          new_subscription_id=new_sub.id)
+    return work.hand_over("purchased")
+
+
+def friendly_name(record: MigrationRecord) -> str:
+    """The replacement's friendly name; it carries the record's tag, so the purchase can be recognised later."""
+    return f"Replacement for {(record.offer_name or 'retired offer')[:60]} [{record.tag}]"
+
+
+async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscription] | None:
+    """Right before buying: the old subscription must still qualify (a human may have renewed or suspended it since
+    detection) and no untagged replacement may have appeared. Returns the customer's subscriptions (read once for
+    both this check and the tagged search), or ``None`` after blocking the record."""
+    record = work.record
+    # One listing of the customer's subscriptions carries the old one's status and auto-renew and serves both
+    # replacement checks (one GET fewer per migration).
+    listed = await work.client.list_subscriptions(record.customer_id)
+    old = next((s for s in listed if same_id(s.id, record.subscription_id)), None)
+    if old is None:
+        old = await work.client.get_subscription(record.customer_id, record.subscription_id)
+    if old.status != "active" or old.auto_renew:
+        why = (f"old subscription is now {old.status}" if old.status != "active"
+               else "old subscription was set to auto-renew")
+        await work.transition("blocked", "no_longer_qualifies", why + " (changed since detection); nothing bought")
+        return None
+    untagged = None if record.buy_anyway else _untagged_replacement(record, replacement, listed)
+    if untagged is not None:
+        await work.transition(
+            "blocked", "untagged_replacement_exists",
+            f"subscription {untagged.id} of the replacement offer appeared after detection without this "
+            f"migration's tag; nothing bought. If it IS this migration's replacement, add [{record.tag}] to "
+            "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
+            "`retry --buy-anyway`")
+        return None
+    await work.transition("purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
+                          replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
+                          purchase_started_at=work.now().isoformat())
+    return listed
+
+
+def _product_key(offer_id: str) -> str:
+    """New commerce: productId:skuId (the availability part may differ between catalog and subscription);
+    legacy: the offer GUID."""
+    return ":".join(offer_id.strip().lower().split(":")[:2])
+
+
+def _untagged_replacement(record: MigrationRecord, replacement: str,
+                          listed: list[Subscription]) -> Subscription | None:
+    """A subscription of the replacement product created after detection without our tag: probably bought by hand
+    for this very migration. Buying again would make the customer pay twice, so a human decides."""
+    detected = datetime.fromisoformat(record.created_at) if record.created_at else None
+    wanted = _product_key(replacement)
+    for sub in listed:
+        if (sub.offer_id and _product_key(sub.offer_id) == wanted and sub.status in ("active", "pending")
+                and record.tag not in (sub.friendly_name or "")
+                and (detected is None or sub.created is None or sub.created >= detected)):
+            return sub
+    return None
+
+
+async def _find_replacement(work: Work, listed: list[Subscription] | None = None) -> Subscription | None:
+    """The replacement already bought for this record, if any: by recorded id, order id or friendly-name tag.
+    ``listed`` is the customer's subscriptions if the caller has just read them."""
+    record, client = work.record, work.client
+    if record.new_subscription_id:
+        try:
+            return await client.get_subscription(record.customer_id, record.new_subscription_id)
+        except NotFoundError:
+            pass
+    if record.order_id:
+        for sub in await _subscriptions_of_order(work):
+            return sub
+    if listed is None:
+        listed = await client.list_subscriptions(record.customer_id)
+    for sub in listed:
+        if not same_id(sub.id, record.subscription_id) and record.tag in (sub.friendly_name or ""):
+            return sub
+    return None
+
+
+async def _subscriptions_of_order(work: Work) -> list[Subscription]:
+    record, client = work.record, work.client
+    assert record.order_id
+    try:
+        order: Order | None = await client.get_order(record.customer_id, record.order_id)
+    except NotFoundError:
+        order = None  # orders can take minutes to appear
+    found: list[Subscription] = []
+    ids = [li.subscription_id for li in order.line_items if li.subscription_id] if order else []
+    for sub_id in ids:
+        try:
+            found.append(await client.get_subscription(record.customer_id, sub_id))
+        except NotFoundError:
+            continue
+    if not found:
+        found = [s for s in await client.list_subscriptions(record.customer_id, order_id=record.order_id)
+                 if not same_id(s.id, record.subscription_id)]
+    return found
+
+
+async def _recover_order(work: Work) -> None:
+    """After an answer we did not see (checkout or order), find the order by the record's tag and record it."""
+    record = work.record
+    if record.order_id or not (record.cart_id or record.order_attempted_at):
+        return
+    for order in await work.client.list_orders(record.customer_id):
+        if any(record.tag in (li.friendly_name or "") for li in order.line_items):
+            await work.transition("purchasing", "order_found", f"order {order.id}", order_id=order.id)
+            return
+
+
+async def _buy_through_cart(work: Work, catalog_item_id: str) -> None:
+    """New commerce: cart (recorded before checkout), then checkout (idempotent per cart)."""
+    record, client = work.record, work.client
+    if not record.cart_id:
+        cart = await client.create_cart(
+            record.customer_id, catalog_item_id, record.quantity,
+            billing_cycle=work.settings.replacement_billing_cycle,
+            term_duration=work.settings.replacement_term_duration,
+            friendly_name=friendly_name(record),
+            request_id=deterministic_request_id("cart", record.customer_id, record.subscription_id))
+        # Recorded BEFORE checkout: a crash after this point resumes with the same cart, and checkout is
+        # idempotent per cart, so the purchase happens at most once.
+        record = await work.transition("purchasing", "cart_created", f"cart {cart.id}", cart_id=cart.id)
+    assert record.cart_id
+    try:
+        result = await client.checkout_cart(
+            record.customer_id, record.cart_id,
+            request_id=deterministic_request_id("checkout", record.customer_id, record.cart_id))
+    except ConflictError as exc:
+        if exc.code in ("800064", "800060"):
+            raise RetryLater(f"checkout in progress ({exc.code})", delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
+        raise
+    except PartnerCenterApiError as exc:
+        if exc.code == "800065":  # already submitted: the purchase happened; find what it created
+            raise RetryLater("cart already checked out; waiting for its subscription") from None
+        if exc.status in (400, 403, 404):
+            await work.transition("failed", "checkout_rejected", str(exc))
+            return
+        raise
+    if result.order_errors:
+        await work.transition("failed", "checkout_order_errors",
+                              "; ".join(f"{e.code}: {e.description}" for e in result.order_errors))
+        return
+    order_id = result.orders[0].id if result.orders else None
+    await work.transition("purchasing", "checked_out", f"order {order_id}", order_id=order_id)
+
+
+async def _buy_through_order(work: Work, offer_id: str) -> None:
+    """Legacy: one order, recorded as attempted before it is sent."""
+    record = work.record
+    if record.order_id:
+        return
+    request_id = deterministic_request_id("order", record.customer_id, record.subscription_id)
+    if record.order_attempted_at:
+        # A previous attempt may have been applied without us seeing the answer (_recover_order found no order
+        # with our tag). Orders can take up to 15 minutes to show in the order list, so wait that long before
+        # sending the same request (same MS-RequestId) again.
+        if work.now() - datetime.fromisoformat(record.order_attempted_at) < ORDER_LIST_LAG:
+            raise RetryLater("waiting to see whether the earlier order went through")
+    else:
+        record = await work.transition("purchasing", "order_attempt", f"MS-RequestId {request_id}",
+                                       order_attempted_at=work.now().isoformat())
+    try:
+        order = await work.client.create_order(
+            record.customer_id, offer_id, record.quantity, friendly_name=friendly_name(record),
+            billing_cycle="monthly", request_id=request_id)
+    except ConflictError as exc:
+        if exc.code == "800060":  # "your order is in progress": treat as possibly succeeded
+            raise RetryLater("order in progress (800060)", delay=ORDER_IN_PROGRESS_DELAY_SECONDS) from None
+        raise
+    except PartnerCenterApiError as exc:
+        if exc.status in (400, 403, 404):
+            await work.transition("failed", "order_rejected", str(exc))
+            return
+        raise
+    await work.transition("purchasing", "ordered", f"order {order.id}", order_id=order.id)

@@ -1,0 +1,94 @@
+"""Runbook re-drive — an operator fixed the cause of a ``blocked`` or ``failed`` record; resume it where it stopped.
+
+Read top to bottom:
+
+1. Find the record (``<subscription>`` or ``<customer>/<subscription>``, case-insensitive). Only ``blocked`` and
+   ``failed`` records are re-driven; anything else is left alone, so running it twice is safe.
+2. Partner Center refused the purchase (order or checkout rejected): nothing was bought, so forget the purchase
+   attempt and buy again with the current ``REPLACEMENT_OFFERS`` (the tag search still prevents a second purchase).
+3. Pick the state to resume at from what is recorded: no replacement yet → the purchase (``purchasing`` if a cart or
+   order exists, else ``detected``); a replacement → the license move (``reassigning`` once SKUs are known).
+4. Save that state (lease cleared, a fresh provisioning clock for a purchase, ``--buy-anyway`` remembered) and queue
+   the message of the step that owns it (:data:`~d365_migration.steps.STEP_FOR_STATE`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from .._ledger import MigrationLedger, MigrationRecord, utcnow
+from .._messages import StepMessage
+from .._queues import QueueSender
+from ._routes import message_for, owner_of
+
+__all__ = ["REFUSED_PURCHASE_EVENTS", "RedriveResult", "resume_state", "run"]
+
+#: Last events meaning Partner Center refused the purchase, so nothing was bought.
+REFUSED_PURCHASE_EVENTS = frozenset({"order_rejected", "checkout_rejected", "checkout_order_errors"})
+
+
+@dataclass(frozen=True)
+class RedriveResult:
+    """What a re-drive did: ``record`` is ``None`` when no record matched; ``message`` is ``None`` when the record
+    was not blocked or failed (nothing to re-drive)."""
+
+    target: str
+    record: MigrationRecord | None = None
+    previous_state: str | None = None
+    message: StepMessage | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.record is None else 0
+
+    def describe(self) -> str:
+        record = self.record
+        if record is None:
+            return f"no record for {self.target}"
+        if self.message is None:
+            return f"record {record.customer_id}/{record.subscription_id} is {record.state}; nothing to re-drive"
+        return (f"re-driven {record.customer_id}/{record.subscription_id}: {self.previous_state} → {record.state}; "
+                f"queued {self.message.queue}")
+
+
+def resume_state(record: MigrationRecord) -> str:
+    """The working state a stopped record resumes at, from what it has recorded."""
+    if not record.new_subscription_id:
+        return "purchasing" if (record.cart_id or record.order_id or record.order_attempted_at) else "detected"
+    return "reassigning" if record.old_sku_id else "purchased"
+
+
+async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_anyway: bool = False,
+                  clock: Callable[[], datetime] = utcnow) -> RedriveResult:
+    """Re-drive the ``blocked`` or ``failed`` record ``target`` names. Safe to run twice.
+
+    :raises ConcurrencyConflict: the record changed while being re-driven (run it again).
+    :raises LedgerError: the ledger could not be read or written.
+    """
+    wanted = target.lower().split("/")
+    matches = [r for r in await ledger.list_records()
+               if r.key[1] == wanted[-1] and (len(wanted) == 1 or r.key[0] == wanted[0])]
+    if not matches:
+        return RedriveResult(target)
+    record = matches[0]
+    if record.state not in ("failed", "blocked"):
+        return RedriveResult(target, record)
+    previous = record.state
+    if previous == "failed" and record.history and record.history[-1].get("event") in REFUSED_PURCHASE_EVENTS:
+        record = replace(record, replacement_offer_id=None, cart_id=None, order_id=None, order_attempted_at=None,
+                         purchase_started_at=None)
+    state = resume_state(record)
+    now = clock()
+    # A re-driven purchase gets a fresh provisioning clock; the recorded cart/order ids stay, so nothing is bought
+    # twice.
+    restarted = now.isoformat() if owner_of(state) == "purchase" and record.purchase_started_at else None
+    updated = await ledger.save(replace(
+        record, lease_owner=None, lease_until=None, buy_anyway=record.buy_anyway or buy_anyway,
+        purchase_started_at=restarted or record.purchase_started_at,
+    ).transition(state, "retry", f"re-driven by an operator from {previous}", at=now))
+    message = message_for(updated)
+    assert message is not None, "a resume state is always owned by a step"
+    await queues.send(message.queue, message.to_json())
+    return RedriveResult(target, updated, previous, message)

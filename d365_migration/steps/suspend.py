@@ -1,0 +1,80 @@
+"""Runbook step 4 — suspend the old subscription, last, and only when that is safe.
+
+Read top to bottom, for one ``reassigned`` record:
+
+1. Re-check the precondition right before acting: the replacement is active (else block, old kept active) and no
+   user holds the old SKU any more (else hand the record back to the license move — at most ``MAX_REASSIGN_TRIPS``
+   times before a human must look).
+2. The old subscription is already not active → completed, no PATCH sent.
+3. PATCH the whole subscription resource with ``status: suspended`` and ``If-Match`` (a partial body would reset
+   other fields); a changed ETag means re-read and try again. Verified suspended → ``completed``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .._client import deterministic_request_id
+from .._exceptions import PreconditionFailedError
+from ._policy import ETAG_CHANGED_DELAY_SECONDS, MAX_REASSIGN_TRIPS
+from ._routes import states_owned_by
+from ._work import RetryLater, StepResult, Work
+
+__all__ = ["run"]
+
+
+async def run(work: Work) -> StepResult:
+    """The suspension step for ``work.record``.
+
+    :raises RetryLater: the subscription changed under the PATCH, or is not suspended yet after it.
+    :raises PartnerCenterError: a call failed after the client's retries (the message is retried).
+    """
+    record, client = work.record, work.client
+    if record.state not in states_owned_by("suspend") or not record.new_subscription_id or not record.old_sku_id:
+        # A stale or duplicate message (the record moved on, or went back to reassigning): nothing to do here;
+        # the step that owns the record's current state has its own message.
+        work.log(logging.INFO, "suspend message ignored: record is %s", record.state)
+        return work.stop("stale message")
+
+    new_sub = await client.get_subscription(record.customer_id, record.new_subscription_id)
+    if new_sub.status != "active":
+        await work.transition("blocked", "replacement_not_active",
+                              f"replacement {new_sub.id} is {new_sub.status}; old kept active")
+        return work.stop("blocked")
+    old_sku_id = record.old_sku_id.lower()
+    if old_sku_id != (record.new_sku_id or "").lower():
+        skus = {s.product_sku.id.lower(): s for s in await client.list_subscribed_skus(record.customer_id)}
+        old = skus.get(old_sku_id)
+        if old is not None and old.consumed_units > 0:
+            trips = sum(1 for h in record.history if h.get("event") == "old_sku_still_used")
+            if trips >= MAX_REASSIGN_TRIPS:
+                await work.transition(
+                    "blocked", "old_sku_keeps_returning",
+                    f"{old.consumed_units} user(s) still hold the old SKU after {trips} passes (is someone "
+                    "assigning it again, or another subscription of the same product?); old kept active")
+                return work.stop("blocked")
+            # Someone gave a user the old license again (or a move did not stick): move them first.
+            await work.transition("reassigning", "old_sku_still_used",
+                                  f"{old.consumed_units} user(s) still hold the old SKU")
+            return work.hand_over("back to reassign")
+
+    old_sub = await client.get_subscription(record.customer_id, record.subscription_id)
+    if old_sub.status != "active":
+        await work.transition("completed", "already_" + old_sub.status,
+                              f"old subscription already {old_sub.status}; no PATCH sent")
+        return work.stop("completed")
+    try:
+        updated = await client.update_subscription(
+            record.customer_id, old_sub, status="suspended",
+            request_id=deterministic_request_id("suspend", record.customer_id, record.subscription_id,
+                                                old_sub.etag or ""))
+    except PreconditionFailedError:
+        raise RetryLater("old subscription changed while suspending; re-reading",
+                         delay=ETAG_CHANGED_DELAY_SECONDS) from None
+    if updated.status != "suspended":
+        check = await client.get_subscription(record.customer_id, record.subscription_id)
+        if check.status != "suspended":
+            raise RetryLater(f"old subscription still {check.status} after PATCH")
+    await work.transition("completed", "old_suspended",
+                          f"old subscription suspended; replacement {record.new_subscription_id}")
+    return work.stop("completed")
