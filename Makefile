@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 typecheck: $(STAMP)
-	$(PY) -m mypy d365_migration detect_expiring scan_customers purchase_new reassign_licenses suspend_old status
+	$(PY) -m mypy d365_migration d365_tooling detect_expiring scan_customers purchase_new reassign_licenses suspend_old status
 
 test: install lint typecheck
 	$(PY) -m pytest -q -m "not soak"
@@ -42,7 +42,7 @@ demo: install
 	$(PY) -m d365_migration demo
 
 bench: install
-	$(PY) -m d365_migration.bench
+	$(PY) -m d365_tooling.bench
 
 soak: install
 	$(PY) -m pytest -q -m soak tests/test_faults.py

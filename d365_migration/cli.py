@@ -28,7 +28,7 @@ __all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", 
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 #: Where the developer tooling's commands live (see :func:`_tooling`).
-TOOLING_MODULE = "d365_migration.demo"
+TOOLING_MODULE = "d365_tooling.demo"
 
 
 def _console(file: TextIO | None = None) -> Any:

@@ -53,7 +53,6 @@ if [[ ${#included[@]} -eq 0 ]]; then
 fi
 
 cp -R d365_migration "$STAGE/d365_migration"
-rm -rf "$STAGE/d365_migration/sandbox" "$STAGE/d365_migration/localhost"
 find "$STAGE" \( -name '__pycache__' -o -name '.pytest_cache' -o -name '.mypy_cache' \) -type d -prune \
   -exec rm -rf {} +
 find "$STAGE" \( -name '*.pyc' -o -name '*.pyo' \) -type f -delete

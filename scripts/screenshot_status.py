@@ -51,8 +51,8 @@ async def shoot(url: str, out: Path) -> None:
 
 
 async def main(out: Path, customers: int, seed: int) -> int:
-    from d365_migration.localhost import AzuriteProcess, LocalHost
-    from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
+    from d365_tooling.localhost import AzuriteProcess, LocalHost
+    from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
 
     state = SandboxState()
     manifest = seed_world(state, customers=customers, seed=seed)

@@ -10,16 +10,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableServiceClient
-from azure.storage.queue import QueueServiceClient
 
-from d365_migration.localhost.azurite import AzuriteProcess
+from d365_tooling.localhost.azurite import AzuriteProcess, wipe_account
 
 
 @pytest.fixture(scope="session")
@@ -33,16 +29,6 @@ def azurite() -> Iterator[str]:
         yield process.connection_string
 
 
-def wipe_account(connection_string: str) -> None:
-    """Delete every queue and table in the account."""
-    with QueueServiceClient.from_connection_string(connection_string) as queues:
-        for queue in list(queues.list_queues()):
-            with contextlib.suppress(ResourceNotFoundError):
-                queues.delete_queue(queue.name)
-    with TableServiceClient.from_connection_string(connection_string) as tables:
-        for table in list(tables.list_tables()):
-            with contextlib.suppress(ResourceNotFoundError):
-                tables.delete_table(table.name)
 
 
 @pytest.fixture

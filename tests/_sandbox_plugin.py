@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState, seed_world
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState, seed_world
 
 SandboxFactory = Callable[..., SandboxServer]
 

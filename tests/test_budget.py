@@ -31,8 +31,8 @@ from d365_migration._budget import (
 from d365_migration._client import PageRequest, PartnerCenterClient
 from d365_migration._exceptions import ConfigurationError, RateBudgetUnavailable
 from d365_migration._settings import Settings
-from d365_migration.localhost.azurite import free_port
-from d365_migration.sandbox import SandboxServer
+from d365_tooling.localhost.azurite import free_port
+from d365_tooling.sandbox import SandboxServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = "partnercenterbudget"

@@ -21,8 +21,8 @@ from d365_migration._client import PartnerCenterClient
 from d365_migration._exceptions import ClientError
 from d365_migration._ledger import MigrationLedger, MigrationRecord
 from d365_migration.cli import main
-from d365_migration.localhost import LocalHost
-from d365_migration.sandbox import (
+from d365_tooling.localhost import LocalHost
+from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     RETIRED_OFFERS,

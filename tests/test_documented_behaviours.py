@@ -35,7 +35,7 @@ from d365_migration import (
 )
 from d365_migration._exceptions import ConfigurationError
 from d365_migration._models import CheckoutResult
-from d365_migration.sandbox import (
+from d365_tooling.sandbox import (
     DEMO_BEHAVIOURS,
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
@@ -423,7 +423,7 @@ async def test_new_commerce_purchases_are_found_without_tags(sandbox_factory: An
 
 # ----------------------------------------------------------------------------------------------- 10. reseller
 async def test_the_reseller_of_record_is_read_and_carried_by_both_purchase_paths(sandbox_factory: Any) -> None:
-    from d365_migration.sandbox import seed_world
+    from d365_tooling.sandbox import seed_world
 
     srv = sandbox_factory(customers=0)
     manifest = seed_world(srv.state, customers=8, seed=1, indirect_resellers=True)
@@ -449,7 +449,7 @@ async def test_the_reseller_of_record_is_read_and_carried_by_both_purchase_paths
 # ----------------------------------------------------------------------------------------------- 8, 9. detection data
 async def test_pooled_skus_unrecognised_offers_and_hidden_end_dates_are_seeded_and_readable(
         sandbox_factory: Any) -> None:
-    from d365_migration.sandbox import seed_world
+    from d365_tooling.sandbox import seed_world
 
     srv = sandbox_factory(customers=0)
     manifest = seed_world(srv.state, customers=8, seed=3, pooled_skus=True, unrecognised_offers=True,

@@ -15,8 +15,8 @@ import pytest
 from d365_migration import Settings
 from d365_migration._app import read_records
 from d365_migration.cli import main
-from d365_migration.demo import run_pipeline, verify_world
-from d365_migration.sandbox import (
+from d365_tooling.demo import run_pipeline, verify_world
+from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     SandboxConfig,
@@ -73,7 +73,7 @@ async def test_dry_run_records_but_changes_nothing(world: Any, storage: str, mon
     settings = Settings.from_env()
     assert settings.dry_run
     from d365_migration.cli import APP_ROOT
-    from d365_migration.localhost import LocalHost
+    from d365_tooling.localhost import LocalHost
 
     async with LocalHost(APP_ROOT, connection_string=storage, env=env, host_overrides=HOST) as host:
         await host.fire_timer("detect_expiring")

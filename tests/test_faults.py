@@ -2,7 +2,7 @@
 
 The fast slice (``make test``) runs a few fault kinds on small worlds (one customer in scope, ~5 migrations); the
 full matrix is ``@pytest.mark.soak`` (``make soak``): every fault kind × several seeds, printing one table. See
-``tests/_faults_harness.py`` for what each kind injects and which invariants are checked.
+``d365_tooling/faults.py`` for what each kind injects and which invariants are checked.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from d365_migration import _app
 from d365_migration._messages import StepMessage
 from d365_migration.steps import Work, observe_steps
-from tests._faults_harness import (
+from d365_tooling.faults import (
     EXTRA_KINDS,
     KINDS,
     RunResult,
@@ -164,7 +164,7 @@ def _soak_seeds() -> list[int]:
 @pytest.mark.soak
 async def test_soak_matrix(storage: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Every fault kind × ``SOAK_SEEDS`` seeds (default 5); prints the table; no invariant may be violated."""
-    from d365_migration.soak import DEFAULT_SCOPE, run_matrix
+    from d365_tooling.soak import DEFAULT_SCOPE, run_matrix
 
     kinds = [k for k in os.environ.get("SOAK_KINDS", ",".join(KINDS)).split(",") if k]
     results = await run_matrix(storage, kinds, _soak_seeds(), scope=DEFAULT_SCOPE)

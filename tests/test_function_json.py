@@ -1,7 +1,7 @@
 """Every function folder of the app loads in the real Python worker (``azure-functions-runtime-v1``).
 
 Folders are discovered at collection time (any top-level folder with a function.json), so new functions are
-checked without editing this file. ``d365_migration.localhost.check_function_folder`` applies the .NET host's
+checked without editing this file. ``d365_tooling.localhost.check_function_folder`` applies the .NET host's
 function.json rules, then sends the real worker a ``FunctionLoadRequest``: any rejection fails the test with the
 worker's own message -- the error Azure would only report at start-up.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from d365_migration.localhost import FunctionLoadError, check_function_folder
+from d365_tooling.localhost import FunctionLoadError, check_function_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FUNCTION_FOLDERS = sorted(p for p in REPO.iterdir() if p.is_dir() and (p / "function.json").is_file())

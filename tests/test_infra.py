@@ -1017,7 +1017,7 @@ def test_release_workflow_builds_and_uploads_the_assets() -> None:
 def test_funcignore_keeps_local_only_files_out() -> None:
     lines = {line.strip() for line in (ROOT / ".funcignore").read_text(encoding="utf-8").splitlines()}
     for entry in ("tests/", ".venv/", "node_modules/", "local.settings.json", ".vscode/", "infra/",
-                  "d365_migration/sandbox/", "d365_migration/localhost/", "scripts/", ".github/", "*.md"):
+                  "d365_tooling/", "scripts/", ".github/", "*.md"):
         assert entry in lines, f".funcignore must list {entry}"
 
 
@@ -1048,7 +1048,7 @@ def test_build_package_layout(tmp_path: Path) -> None:
     names = zipfile.ZipFile(out).namelist()
     assert "host.json" in names and "requirements.txt" in names and "d365_migration/_settings.py" in names
     for name in names:
-        assert not name.startswith(("d365_migration/sandbox/", "d365_migration/localhost/", "tests/", "infra/",
+        assert not name.startswith(("d365_tooling/", "tests/", "infra/",
                                     ".venv/", "node_modules/", "scripts/")), name
         assert "__pycache__" not in name and not name.endswith(".pyc"), name
     for folder in FUNCTION_FOLDERS:

@@ -1,4 +1,4 @@
-"""The local runner (d365_migration.localhost) against real Azurite, with the tiny app in tests/localhost_app."""
+"""The local runner (d365_tooling.localhost) against real Azurite, with the tiny app in tests/localhost_app."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from d365_migration.localhost import FunctionLoadError, HostSettings, LocalHost, check_function_folder
+from d365_tooling.localhost import FunctionLoadError, HostSettings, LocalHost, check_function_folder
 
 APP = Path(__file__).parent / "localhost_app"
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_several_worker_processes_share_a_queue(storage: str) -> None:
     for i in range(16):
         send(storage, "lh-slow", json.dumps({"id": i, "seconds": 0.3}))
     env = {**os.environ, "AzureWebJobsStorage": storage, **ENV}
-    cmd = [sys.executable, "-m", "d365_migration.localhost", "--app-root", str(APP), "--functions", "slow"]
+    cmd = [sys.executable, "-m", "d365_tooling.localhost", "--app-root", str(APP), "--functions", "slow"]
     cmd += ["--timeout", "20", "--idle-seconds", "0.5", "--host", "maxPollingInterval=0.2", "--host", "batchSize=4"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -287,7 +287,7 @@ def test_cli_fires_timer_and_serves_chain(storage: str) -> None:
         [
             sys.executable,
             "-m",
-            "d365_migration.localhost",
+            "d365_tooling.localhost",
             "--app-root",
             str(APP),
             "--timer",
@@ -425,7 +425,7 @@ def test_worker_library_is_the_pinned_one_and_tests_package_is_ours() -> None:
     import importlib.metadata
 
     import tests
-    from d365_migration.localhost._worker import WORKER_VERSION, rpc_protos
+    from d365_tooling.localhost._worker import WORKER_VERSION, rpc_protos
 
     pinned = next(
         line.split("==")[1].strip()

@@ -13,7 +13,7 @@ import pytest
 
 from d365_migration._settings import ReplacementOffers
 from d365_migration.cli import main
-from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS, SandboxServer
+from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, SandboxServer
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import d365_migration
+import d365_tooling
 
 PACKAGE = Path(d365_migration.__file__).resolve().parent
+TOOLING_PACKAGE = Path(d365_tooling.__file__).resolve().parent
 ROOT = PACKAGE.parent
-TOOLING = ("d365_migration.sandbox", "d365_migration.localhost", "d365_migration.demo", "d365_migration.bench",
-           "d365_migration.soak")
 MAX_CLASS_LINES = 250
 
 
@@ -31,15 +31,24 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+    """The app's and the tooling's modules (the tooling may import the app; the app never the tooling)."""
+    return {module_name(p): p for root in (PACKAGE, TOOLING_PACKAGE) for p in sorted(root.rglob("*.py"))}
 
 
 def is_tooling(name: str) -> bool:
-    return any(name == t or name.startswith(t + ".") for t in TOOLING) or name == "tests" or name.startswith("tests.")
+    return any(name == t or name.startswith(t + ".") for t in ("d365_tooling", "tests"))
 
 
 def shipped() -> dict[str, Path]:
     return {name: path for name, path in modules().items() if not is_tooling(name)}
+
+
+def test_the_shipped_package_holds_no_tooling() -> None:
+    """The deployable root is the app: sandbox, local host, demo, bench, soak and the fault harness live in
+    d365_tooling, outside the package the function folders import."""
+    names = {p.relative_to(PACKAGE).parts[0] for p in PACKAGE.rglob("*.py")}
+    assert not names & {"sandbox", "localhost", "demo.py", "bench.py", "soak.py", "faults.py"}
+    assert (TOOLING_PACKAGE / "sandbox").is_dir() and (TOOLING_PACKAGE / "localhost").is_dir()
 
 
 def importable() -> list[str]:
@@ -111,19 +120,19 @@ def test_the_cycle_check_sees_a_cycle() -> None:
     graph = internal_graph()
     assert "d365_migration._ledger" in graph["d365_migration.steps._work"]
     assert "d365_migration.steps.detect" in graph["d365_migration.steps._service"]  # `from . import detect`
-    assert "d365_migration.cli" not in graph["d365_migration.demo"]
+    assert "d365_migration.cli" not in graph["d365_tooling.demo"]
 
 
 def test_the_shipped_app_imports_no_tooling_and_no_tests() -> None:
     offenders = {name: sorted(m for m in imports_of(name, path) if is_tooling(m))
                  for name, path in shipped().items()}
     assert {k: v for k, v in offenders.items() if v} == {}
-    assert "d365_migration.steps.purchase" in shipped() and "d365_migration.demo" not in shipped()
+    assert "d365_migration.steps.purchase" in shipped() and "d365_tooling.demo" not in shipped()
 
 
 def test_the_tooling_depends_on_the_app_only_through_public_seams() -> None:
     """demo/bench/soak use the app's public functions, never the CLI's private ones."""
-    for name in ("d365_migration.demo", "d365_migration.bench", "d365_migration.soak"):
+    for name in ("d365_tooling.demo", "d365_tooling.bench", "d365_tooling.soak"):
         tree = ast.parse(modules()[name].read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("cli"):

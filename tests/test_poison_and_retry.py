@@ -26,8 +26,8 @@ import d365_migration._app as app_module
 from d365_migration import Settings, build_service, run_step
 from d365_migration._ledger import MigrationLedger, MigrationRecord, correlation_id_for
 from d365_migration.cli import main
-from d365_migration.localhost import LocalHost
-from d365_migration.sandbox import (
+from d365_tooling.localhost import LocalHost
+from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     RETIRED_OFFERS,

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from d365_migration.sandbox import (
+from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     QO_DISTRACTOR_KINDS,

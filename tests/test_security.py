@@ -22,8 +22,8 @@ from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy
 
 from d365_migration import ConfigurationError, PartnerCenterClient, Settings, build_service, load_settings
 from d365_migration._ledger import MigrationLedger
-from d365_migration.localhost import LocalHost
-from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.localhost import LocalHost
+from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxConfig, SandboxServer, SandboxState
 from tests._fake_entra import FakeEntra
 
 REPO = Path(__file__).resolve().parent.parent

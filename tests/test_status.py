@@ -20,8 +20,8 @@ import pytest
 import d365_migration._app as app_module
 from d365_migration import APP_SETTINGS, ConfigurationError, MigrationLedger, MigrationRecord, Settings
 from d365_migration._app import build_credential
-from d365_migration.localhost import LocalHost
-from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxServer, SandboxState
+from d365_tooling.localhost import LocalHost
+from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxServer, SandboxState
 
 REPO = Path(__file__).resolve().parent.parent
 SALES = next(o for o in RETIRED_OFFERS if o.family == "sales" and o.audience == "commercial")

@@ -8,7 +8,7 @@ the message to the poison queue, so the ledger always says why.
 
 Observers (:func:`observe_steps`) are the one public seam into a running step: each one's ``around_step(work)``
 async context manager is entered after the claim and exited after the step body, in the invocation's context. The
-fault-injection harness (``tests/_faults_harness.py``) uses it to change the world right before a step runs; tracing
+fault-injection harness (``d365_tooling/faults.py``) uses it to change the world right before a step runs; tracing
 could use it the same way.
 """
 

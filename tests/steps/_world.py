@@ -22,10 +22,10 @@ from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 from d365_migration import MigrationService, Settings, StepMessage, build_service
 from d365_migration._ledger import correlation_id_for
 from d365_migration._messages import SCAN_QUEUE, ScanMessage
-from d365_migration.sandbox import DEMO_REPLACEMENT_OFFERS as DEMO_REPLACEMENT_OFFERS
-from d365_migration.sandbox import RETIRED_OFFERS, SandboxState, sku_for_offer
-from d365_migration.sandbox._catalog import CatalogItem
 from d365_migration.steps import DetectReport
+from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS as DEMO_REPLACEMENT_OFFERS
+from d365_tooling.sandbox import RETIRED_OFFERS, SandboxState, sku_for_offer
+from d365_tooling.sandbox._catalog import CatalogItem
 
 SALES = next(o for o in RETIRED_OFFERS if o.family == "sales" and o.audience == "commercial")
 CE = next(o for o in RETIRED_OFFERS if o.family == "customer_engagement" and o.audience == "commercial")

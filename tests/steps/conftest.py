@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState
 
 
 @pytest.fixture

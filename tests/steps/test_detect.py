@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from d365_migration._messages import ScanMessage
-from d365_migration.sandbox import SandboxServer, SandboxState, seed_world
+from d365_tooling.sandbox import SandboxServer, SandboxState, seed_world
 from tests.steps._world import CE, Tenant, detect, drive, mine, msg_for, queued_scan_pages, service, writes
 
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from d365_migration import StepMessage
-from d365_migration.sandbox import LEGACY_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState
-from d365_migration.sandbox._catalog import catalog_item
+from d365_tooling.sandbox import LEGACY_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.sandbox._catalog import catalog_item
 from tests.steps._world import CE, DEMO_REPLACEMENT_OFFERS, Clock, Tenant, detect, drive, mine, queue, service, writes
 
 

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from d365_migration import FINAL_STATES, STATES, MigrationLedger, MigrationRecord, QueueSender, StepMessage
-from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState
 from d365_migration.steps import STEP_FOR_STATE, message_for, redrive, states_owned_by
 from d365_migration.steps.redrive import resume_state
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState
 from tests.steps._world import Tenant, detect, env_for, guid, mine, queue, service
 
 

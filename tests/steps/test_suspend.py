@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from d365_migration.sandbox import SandboxServer, SandboxState
+from d365_tooling.sandbox import SandboxServer, SandboxState
 from tests.steps._world import Tenant, detect, drive, service
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import d365_migration
+
 _NS = uuid.UUID("5b0f7c1e-3d8a-4f51-9a0e-d365d365d365")
 AUDIENCES: tuple[str, ...] = ("commercial", "faculty", "students", "government")
 FAMILIES: tuple[str, ...] = ("sales", "customer_engagement")
@@ -86,7 +88,7 @@ def _plans(part: str, *names: str) -> tuple[tuple[str, str, str], ...]:
 
 
 def _load_retired() -> list[dict[str, Any]]:
-    path = Path(__file__).resolve().parent.parent / "retired_offers.json"
+    path = Path(d365_migration.__file__).resolve().parent / "retired_offers.json"  # the app's catalog data
     data = json.loads(path.read_text(encoding="utf-8"))
     return list(data["offers"])
 

@@ -45,7 +45,7 @@ __all__ = [
     "rpc_protos",
 ]
 
-_PROTOS_MODULE = "d365_migration.localhost._rpc_protos"
+_PROTOS_MODULE = "d365_tooling.localhost._rpc_protos"
 _HOST_VERSION = "4.1040.0"  # the Functions host version we claim to be (only logged by the worker)
 
 

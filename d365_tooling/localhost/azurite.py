@@ -22,9 +22,21 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["DEV_ACCOUNT_KEY", "DEV_ACCOUNT_NAME", "AzuriteError", "AzuriteProcess", "find_repo_root", "free_port"]
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableServiceClient
+from azure.storage.queue import QueueServiceClient
 
-log = logging.getLogger("d365_migration.localhost")
+__all__ = [
+    "DEV_ACCOUNT_KEY",
+    "DEV_ACCOUNT_NAME",
+    "AzuriteError",
+    "AzuriteProcess",
+    "find_repo_root",
+    "free_port",
+    "wipe_account",
+]
+
+log = logging.getLogger("d365_tooling.localhost")
 
 #: The well-known Azurite development account. Public (documented by Microsoft), not a secret.
 DEV_ACCOUNT_NAME = "devstoreaccount1"
@@ -188,3 +200,14 @@ class AzuriteProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+def wipe_account(connection_string: str) -> None:
+    """Delete every queue and table in the account."""
+    with QueueServiceClient.from_connection_string(connection_string) as queues:
+        for queue in list(queues.list_queues()):
+            with contextlib.suppress(ResourceNotFoundError):
+                queues.delete_queue(queue.name)
+    with TableServiceClient.from_connection_string(connection_string) as tables:
+        for table in list(tables.list_tables()):
+            with contextlib.suppress(ResourceNotFoundError):
+                tables.delete_table(table.name)

@@ -3,7 +3,7 @@
 ``run_scenario(kind, seed, connection_string)`` seeds a small sandbox world, injects the faults of ``kind``, fires
 ``detect_expiring`` and serves the queues until they are drained, then checks invariants against the sandbox's own
 logs (purchases, license updates, subscription patches, the event log) and the ledger. ``KINDS`` lists every fault
-kind; ``format_table`` prints the soak table. Used by ``tests/test_faults.py`` and ``python -m d365_migration.soak``.
+kind; ``format_table`` prints the soak table. Used by ``tests/test_faults.py`` and ``python -m d365_tooling.soak``.
 
 Fault kinds:
 
@@ -47,9 +47,11 @@ from d365_migration import _app
 from d365_migration._client import PartnerCenterClient
 from d365_migration._ledger import FINAL_STATES, MigrationLedger, MigrationRecord
 from d365_migration._messages import StepMessage
-from d365_migration.demo import verify_world
-from d365_migration.localhost import LocalHost
-from d365_migration.sandbox import (
+from d365_migration.steps import Work, observe_steps
+from d365_tooling.demo import verify_world
+from d365_tooling.localhost import LocalHost
+from d365_tooling.localhost.azurite import wipe_account
+from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     Distractor,
@@ -60,9 +62,7 @@ from d365_migration.sandbox import (
     seed_world,
     sku_for_offer,
 )
-from d365_migration.sandbox._faults import SlidingWindow
-from d365_migration.steps import Work, observe_steps
-from tests._azurite_plugin import wipe_account
+from d365_tooling.sandbox._faults import SlidingWindow
 
 APP_ROOT = Path(d365_migration.__file__).resolve().parent.parent
 LEDGER_TABLE = "migrations"

@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._app import open_storage, read_records
-from ._exceptions import ConfigurationError
-from ._ledger import FINAL_STATES, MigrationRecord
-from ._settings import Settings
-from .steps import redrive
+from d365_migration._app import open_storage, read_records
+from d365_migration._exceptions import ConfigurationError
+from d365_migration._ledger import FINAL_STATES, MigrationRecord
+from d365_migration._settings import Settings
+from d365_migration.steps import redrive
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 

@@ -92,7 +92,7 @@ def _best_window(times: list[float], window: float, lo: float, hi: float) -> int
 
 
 def _budget_of(entry: dict[str, Any]) -> str:
-    from ._budget import budget_for_path
+    from d365_migration._budget import budget_for_path
 
     return budget_for_path(str(entry.get("path", "")))
 
@@ -101,11 +101,11 @@ def _budget_of(entry: dict[str, Any]) -> str:
 
 
 async def _scan(endpoint: str, rpm: int, mode: str, connection: str, table: str) -> dict[str, Any]:
-    from ._budget import PacedBudget, SharedBudget, TableBudgetStore
-    from ._catalog import RetiredOfferCatalog
-    from ._client import PartnerCenterClient
-    from ._ledger import utcnow
-    from ._scan import scan_all
+    from d365_migration._budget import PacedBudget, SharedBudget, TableBudgetStore
+    from d365_migration._catalog import RetiredOfferCatalog
+    from d365_migration._client import PartnerCenterClient
+    from d365_migration._ledger import utcnow
+    from d365_migration._scan import scan_all
 
     catalog = RetiredOfferCatalog.load()
     started = time.monotonic()
@@ -138,7 +138,7 @@ def run_scan(n: int, latency_ms: int, limit: int, mode: str, connection: str) ->
     with sandbox_process(n, {"latency_ms": latency_ms, "requests_per_minute": limit,
                              "license_requests_per_minute": limit}) as url:
         out = subprocess.run(  # noqa: S603
-            [PY, "-m", "d365_migration.bench", "_scan", url, str(limit), mode, connection, f"benchscan{n}{mode}"],
+            [PY, "-m", "d365_tooling.bench", "_scan", url, str(limit), mode, connection, f"benchscan{n}{mode}"],
             cwd=ROOT, capture_output=True, text=True, check=True, timeout=3600)
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         log = sandbox_requests(url)
@@ -200,7 +200,8 @@ def run_fleet(customers: int, latency_ms: int, commerce_limit: int, license_limi
     import signal
     import tempfile
 
-    from ._ledger import MigrationLedger
+    from d365_migration._ledger import MigrationLedger
+
     from .localhost import AzuriteProcess
     from .sandbox import DEMO_REPLACEMENT_OFFERS
 
@@ -218,7 +219,7 @@ def run_fleet(customers: int, latency_ms: int, commerce_limit: int, license_limi
         log_files = []
         started = time.time()
         for i in range(workers):
-            cmd = [PY, "-m", "d365_migration.localhost", "--app-root", str(ROOT), "--timeout", str(seconds),
+            cmd = [PY, "-m", "d365_tooling.localhost", "--app-root", str(ROOT), "--timeout", str(seconds),
                    "--idle-seconds", str(seconds), "--host", "maxPollingInterval=0.5", "-v"]
             if i == 0:
                 cmd += ["--timer", "detect_expiring"]
@@ -326,7 +327,7 @@ def import_times(python: str = PY, repeat: int = 5) -> dict[str, float]:
 
 def worker_load_times(repeat: int = 5) -> dict[str, float]:
     """Median seconds for the real worker (azure-functions-runtime-v1) to init and load one folder, fresh process."""
-    code = ("import time; from d365_migration.localhost import check_function_folder; t = time.perf_counter(); "
+    code = ("import time; from d365_tooling.localhost import check_function_folder; t = time.perf_counter(); "
             "check_function_folder('{m}'); print(time.perf_counter() - t)")
     return {m: _median_seconds(PY, code.format(m=m), repeat) for m in FUNCTION_MODULES}
 
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_scan":
         print(json.dumps(asyncio.run(_scan(argv[1], int(argv[2]), argv[3], argv[4], argv[5]))))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m d365_migration.bench")
+    parser = argparse.ArgumentParser(prog="python -m d365_tooling.bench")
     parser.add_argument("--latency-ms", type=int, default=60, help="sandbox latency per request")
     parser.add_argument("--limit", type=int, default=6000, help="sandbox rate limit for the scans, requests/min")
     parser.add_argument("--sizes", default="1000,10000", help="customers to scan")
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave README and docs/ alone")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    command = "make bench" if not argv else "python -m d365_migration.bench " + " ".join(argv)
+    command = "make bench" if not argv else "python -m d365_tooling.bench " + " ".join(argv)
     lines = [f"Measured by `{command}` on {os.cpu_count()} cores, {datetime.now().isoformat(timespec='minutes')}; "
              f"sandbox latency {args.latency_ms} ms. The client paces at 98% of each budget.", ""]
     summary: list[str] = []

@@ -60,7 +60,7 @@ from ._worker import WorkerOutput, get_worker
 
 __all__ = ["FunctionStats", "LocalHost", "RunReport"]
 
-log = logging.getLogger("d365_migration.localhost")
+log = logging.getLogger("d365_tooling.localhost")
 
 T = TypeVar("T")
 

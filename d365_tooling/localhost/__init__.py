@@ -5,7 +5,7 @@
   Python worker (``azure-functions-runtime-v1``);
 * :class:`AzuriteProcess` starts a private Azurite on loopback.
 
-CLI: ``python -m d365_migration.localhost --help``.
+CLI: ``python -m d365_tooling.localhost --help``.
 """
 
 from ._host import FunctionStats, LocalHost, RunReport

@@ -1,12 +1,12 @@
-"""``python -m d365_migration.soak``: the fault-injection matrix, outside pytest, printing one table.
+"""``python -m d365_tooling.soak``: the fault-injection matrix, outside pytest, printing one table.
 
-Every fault kind (``tests/_faults_harness.py``: lost write responses, 429, 5xx, resets, timeouts, slow provisioning
+Every fault kind (``d365_tooling/faults.py``: lost write responses, 429, 5xx, resets, timeouts, slow provisioning
 and list lag, duplicate and redelivered queue messages, crashes after Partner Center calls, human changes, and all
 of them together) × several seeds, each a whole run of the chain on the local host over a private Azurite against
 the sandbox over real HTTP. Exit code 1 if any invariant was violated. Run it from the repository root (it uses the
 test harness in ``tests/``); ``make soak`` runs the same matrix through pytest.
 
-    python -m d365_migration.soak --seeds 5 [--kinds timeout,crash_after_call] [--scope 3]
+    python -m d365_tooling.soak --seeds 5 [--kinds timeout,crash_after_call] [--scope 3]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tests._faults_harness import RunResult
+    from d365_tooling.faults import RunResult
 
 DEFAULT_SCOPE = 2  # customers in scope per run (each has a handful of expiring qualified subscriptions)
 
@@ -30,7 +30,7 @@ async def run_matrix(connection_string: str, kinds: Sequence[str], seeds: Sequen
     """Run every kind × seed one after the other (the fault hooks patch classes, so runs cannot overlap)."""
     import dataclasses
 
-    from tests._faults_harness import KINDS, run_scenario
+    from d365_tooling.faults import KINDS, run_scenario
 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -49,7 +49,7 @@ async def run_matrix(connection_string: str, kinds: Sequence[str], seeds: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m d365_migration.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m d365_tooling.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per fault kind (default 5)")
     parser.add_argument("--first-seed", type=int, default=101)
@@ -61,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("uvicorn.error", "d365_migration", "azure"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
-        from tests._faults_harness import KINDS, crash_summary, describe_violations, format_table
+        from d365_tooling.faults import KINDS, crash_summary, describe_violations, format_table
     except ImportError:
-        print("run this from the repository root (it uses tests/_faults_harness.py)", file=sys.stderr)
+        print("run this from the repository root (it uses d365_tooling/faults.py)", file=sys.stderr)
         return 2
     from .localhost import AzuriteProcess
 

@@ -3,13 +3,13 @@
 Examples::
 
     # one worker: fire the timer once, then serve the queues until they stay empty for 2 s (max 60 s)
-    AzureWebJobsStorage=... python -m d365_migration.localhost --app-root . --timer detect_expiring --timeout 60
+    AzureWebJobsStorage=... python -m d365_tooling.localhost --app-root . --timer detect_expiring --timeout 60
 
     # extra workers serving the same queues (for a benchmark), no timer
-    AzureWebJobsStorage=... python -m d365_migration.localhost --app-root . --timeout 60 &
+    AzureWebJobsStorage=... python -m d365_tooling.localhost --app-root . --timeout 60 &
 
     # start a private Azurite too (handy for a demo)
-    python -m d365_migration.localhost --app-root . --start-azurite --timer detect_expiring
+    python -m d365_tooling.localhost --app-root . --start-azurite --timer detect_expiring
 
 Prints the run report as JSON on stdout. Exit code 0, or 1 if any invocation failed (with ``--strict``),
 2 for usage/configuration errors.
@@ -51,7 +51,7 @@ def _override(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m d365_migration.localhost",
+        prog="python -m d365_tooling.localhost",
         description="Run the app's v1 functions over Storage queues locally (a stand-in for Core Tools, "
         "not the real Azure Functions host).",
     )
