@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from d365_migration import ClientError, PartnerCenterClient, RequestAttempt
 from d365_migration.sandbox import SandboxServer
 from d365_migration.sandbox._transitions import native_operations
 
@@ -126,3 +127,53 @@ def test_source_left_active_switch(sandbox: SandboxServer, left_active: bool) ->
     assert httpx.post(_url(sandbox, m, "upgrades"), json=upgrade).json()["upgradeErrors"] == []
     status = sandbox.state.subscription(m.customer_id, m.subscription_id)["status"]
     assert status == ("active" if left_active else "suspended")
+
+
+# ---------------------------------------------------------------------- the client's typed calls
+
+
+def _client(sandbox: SandboxServer) -> PartnerCenterClient:
+    return PartnerCenterClient(sandbox.url, None, requests_per_minute=None, license_requests_per_minute=None,
+                               max_attempts=2, backoff_base=0.0)
+
+
+async def test_client_reads_eligibility_errors_verbatim(sandbox: SandboxServer) -> None:
+    m = _first(sandbox)
+    async with _client(sandbox) as client:
+        options = await client.get_transition_options(m.customer_id, m.subscription_id)
+        upgrades = await client.get_upgrade_options(m.customer_id, m.subscription_id)
+    assert [o.is_eligible for o in options] == [False]
+    assert options[0].errors[0].code == "7" and "transition paths" in options[0].errors[0].description
+    assert upgrades[0].errors[0].code == "subscription_does_not_have_any_upgrade_paths"
+
+
+async def test_client_transition_and_history(sandbox: SandboxServer) -> None:
+    m = _first(sandbox)
+    sandbox.config.native_paths = {m.customer_id: "transition_with_license_transfer"}
+    async with _client(sandbox) as client:
+        option = (await client.get_transition_options(m.customer_id, m.subscription_id))[0]
+        assert option.is_eligible and option.with_license_transfer
+        done = await client.create_transition(m.customer_id, m.subscription_id,
+                                              to_catalog_item_id=option.catalog_item_id, quantity=m.quantity,
+                                              transition_type=option.transition_type,
+                                              request_id=RequestAttempt.first("transition", m.subscription_id))
+        history = await client.list_transitions(m.customer_id, m.subscription_id)
+        with pytest.raises(ClientError) as refused:
+            await client.create_transition(m.customer_id, m.subscription_id,
+                                           to_catalog_item_id=option.catalog_item_id, quantity=m.quantity,
+                                           transition_type=option.transition_type,
+                                           request_id=RequestAttempt.first("transition", m.subscription_id).next())
+    assert done.completed and history[0].to_subscription_id == done.to_subscription_id
+    assert refused.value.status == 400
+
+
+async def test_client_upgrade_reports_license_errors(sandbox: SandboxServer) -> None:
+    m = next(e for e in sandbox.manifest.expected if len(e.user_ids) >= 2)
+    sandbox.config.native_paths = {m.customer_id: "upgrade_with_license_transfer"}
+    sandbox.config.native_license_error_users = [m.user_ids[1]]
+    async with _client(sandbox) as client:
+        option = (await client.get_upgrade_options(m.customer_id, m.subscription_id))[0]
+        result = await client.create_upgrade(m.customer_id, m.subscription_id, option,
+                                             request_id=RequestAttempt.first("upgrade", m.subscription_id))
+    assert option.with_license_transfer and result.errors == ()
+    assert [e.user_id for e in result.license_errors] == [m.user_ids[1]]
