@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NativeError",
     "Transition",
+    "TransitionEvent",
     "TransitionOption",
     "UpgradeOption",
     "UpgradeResult",
