@@ -80,6 +80,7 @@ from ._models import (
     UpdateAccepted,
     get_ci,
 )
+from ._native_client import _TransitionOps
 from ._ratelimit import Pacer, RateLimiter
 from ._settings import is_guid
 
@@ -157,6 +158,7 @@ RequestIdLike = str | RequestAttempt
 # get-subscription-provisioning-status.
 _GDAP_ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/licenseupdates", ("License Administrator", "User Administrator", "Directory Writers")),
+    ("/upgrades", ("Directory Writers",)),  # transition-a-subscription: upgrade with license transfer
     ("/licenses", ("Directory Reader", "Global Reader", "License Administrator", "User Administrator")),
     ("/subscribedskus", ("Directory Reader", "Global Reader", "User Administrator", "License Administrator")),
     ("/provisioningstatus", ("Directory Reader", "Global Reader")),
@@ -915,7 +917,7 @@ class _UserOps(_ClientBase):
         return [i for i in items if isinstance(i, Mapping)]
 
 
-class PartnerCenterClient(_SubscriptionOps, _PurchaseOps, _UserOps):
+class PartnerCenterClient(_SubscriptionOps, _PurchaseOps, _UserOps, _TransitionOps):
     """One client per process; share it between concurrent operations.
 
     ``PartnerCenterClient(endpoint, credential, *, requests_per_minute=500, license_requests_per_minute=300, ...)``;

@@ -48,6 +48,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "KEY_VAULT_URL",
     "AzureWebJobsStorage",
     "DRY_RUN",
+    "MIGRATION_PATH_POLICY",
     "EXPIRY_WINDOW_DAYS",
     "REPLACEMENT_OFFERS",
     "REPLACEMENT_BILLING_CYCLE",
@@ -219,6 +220,8 @@ class Settings:
     customer_allowlist: frozenset[str] = frozenset()
     customer_denylist: frozenset[str] = frozenset()
     invocation_budget_seconds: int = 480
+    # MIGRATION_PATH_POLICY (_native_path): runbook_only (default, the safe reading) | prefer_native | native_only.
+    migration_path_policy: str = "runbook_only"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -377,7 +380,18 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         customer_allowlist=_guid_set(env, "CUSTOMER_ALLOWLIST"),
         customer_denylist=_guid_set(env, "CUSTOMER_DENYLIST"),
         invocation_budget_seconds=_int(env, "INVOCATION_BUDGET_SECONDS", 480, minimum=10),
+        migration_path_policy=_path_policy(env),
     )
+
+
+def _path_policy(env: Mapping[str, str]) -> str:
+    from ._native_path import parse_path_policy
+
+    try:
+        return parse_path_policy(env.get("MIGRATION_PATH_POLICY"))
+    except ValueError as exc:
+        raise ConfigurationError("MIGRATION_PATH_POLICY", str(exc),
+                                 "use runbook_only, prefer_native or native_only") from None
 
 
 def _account_uri(env: Mapping[str, str], service: str) -> str | None:

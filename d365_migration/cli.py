@@ -85,6 +85,8 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
                     }
                     rows.append(row)
+                    if row["action"] == "migrate":
+                        await _add_path(client, settings, c, row)
                 if show_all:
                     left.extend({"customerId": x.customer_id.lower(), "subscriptionId": x.subscription_id.lower(),
                                  "offerName": x.offer_name, "reason": x.reason} for x in scan.left_alone)
@@ -96,19 +98,20 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         out.write("\n")
     elif fmt == "csv":
         fields = ["customerId", "customerName", "subscriptionId", "offerName", "family", "audience", "channel",
-                  "quantity", "commitmentEndDate", "replacement", "action"]
-        writer = csv.DictWriter(out, fieldnames=fields)
+                  "quantity", "commitmentEndDate", "replacement", "action", "path", "pathReason"]
+        writer = csv.DictWriter(out, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     else:
         from rich.table import Table
 
         table = Table(title=f"Migrations planned ({len(rows)} of {customers} customers scanned)")
-        for col in ("customer", "old offer", "audience", "qty", "ends", "replacement", "action"):
-            table.add_column(col)
+        for col in ("customer", "old offer", "audience", "qty", "ends", "replacement", "action", "path", "why"):
+            table.add_column(col, overflow="fold")
         for r in rows:
             table.add_row(r["customerName"] or r["customerId"], r["offerName"], r["audience"], str(r["quantity"]),
-                          r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"])
+                          r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"], r.get("path", ""),
+                          r.get("pathReason", ""))
         console = _console(out)
         console.print(table)
         if left:
@@ -121,6 +124,20 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         for e in errors:
             console.print(f"[red]error[/red] {e}")
     return 1 if errors else 0
+
+
+async def _add_path(client: Any, settings: Settings, candidate: Any, row: dict[str, Any]) -> None:
+    """The path this migration takes under MIGRATION_PATH_POLICY and why (eligibility errors verbatim)."""
+    from ._native_path import choose_path, parse_path_policy
+
+    target = settings.replacement_offers.target(candidate.offer.family, candidate.offer.audience)
+    if target is None:
+        return
+    choice = await choose_path(client, candidate.customer.id, candidate.subscription, target,
+                               policy=parse_path_policy(settings.migration_path_policy))
+    row["path"], row["pathReason"] = choice.label, choice.reason
+    if choice.kind == "blocked":
+        row["action"] = "block: no native path (MIGRATION_PATH_POLICY=native_only)"
 
 
 # ---------------------------------------------------------------------------------------------------- ledger

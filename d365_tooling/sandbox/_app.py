@@ -22,6 +22,7 @@ from ._faults import SlidingWindow, is_app_only, jwt_payload
 from ._products import product_routes
 from ._seed import seed_world
 from ._state import ApiError, SandboxState, link
+from ._transitions import transition_routes
 
 JSON_CT = "application/json; charset=utf-8"
 DEFAULT_PAGE = 100
@@ -293,7 +294,8 @@ class SandboxApp:
         state.config = config
         self.general = SlidingWindow()
         self.license = SlidingWindow()
-        self.router = Router(routes=_partner_routes(state, config) + product_routes(state))
+        self.router = Router(routes=_partner_routes(state, config) + product_routes(state)
+                             + transition_routes(state))
         self.admin = Router(routes=_admin_routes(self))
         self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
         self.long_throttled = 0  # answers given with config.long_retry_after_s

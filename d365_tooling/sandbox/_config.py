@@ -81,6 +81,14 @@ class SandboxConfig:
     long_retry_after_s: int = 0
     long_retry_after_path: str = ""
     long_retry_after_times: int = 1
+    # Native migration paths (_transitions): customer id -> "none" | "transition_with_license_transfer" |
+    # "transition_only" | "upgrade_with_license_transfer" | "upgrade_only" for its retired subscriptions (default:
+    # none, as nothing documents a path for them); users whose license transfer fails; completion delay; whether
+    # Partner Center leaves the old subscription active after the move.
+    native_paths: dict[str, str] = field(default_factory=dict)
+    native_license_error_users: list[str] = field(default_factory=list)
+    native_completion_s: float = 0.0
+    native_source_left_active: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

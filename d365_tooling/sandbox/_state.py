@@ -301,6 +301,7 @@ class SandboxState:
         self._secret = secrets.token_hex(8)
         self._seed_params: dict[str, Any] | None = None
         self.manifest: Any = None  # the SeedManifest of the last seed_world()
+        self.tick_hooks: list[Callable[[SandboxState], None]] = []  # e.g. native transitions completing (_transitions)
         self._clear()
 
     def _clear(self) -> None:
@@ -317,6 +318,7 @@ class SandboxState:
         # (customer, subscription) -> accepted (202) PATCH not applied yet: {"apply_at", "target", "rec"}
         self._pending_patches: dict[tuple[str, str], dict[str, Any]] = {}
         self._rotations: dict[tuple[str, str], int] = {}  # (product, sku) -> extra availability rotations
+        self.native_ops: list[Any] = []  # _transitions.NativeOperation: transitions/upgrades performed
 
     # ------------------------------------------------------------------ building (seed / by hand)
     def add_customer(self, customer_id: str, domain: str, company_name: str, country: str = "US") -> Customer:
@@ -395,6 +397,8 @@ class SandboxState:
         """Complete pending orders whose provisioning delay has passed (creates their subscriptions)."""
         with self.lock:
             self._apply_due_patches()
+            for hook in self.tick_hooks:
+                hook(self)
             if not self._pending:
                 return
             now = self.clock()

@@ -157,6 +157,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     MAX_PURCHASES_PER_RUN: '50'
     DETECT_SCHEDULE: detectSchedule
     EXPIRY_WINDOW_DAYS: string(expiryWindowDays)
+    MIGRATION_PATH_POLICY: 'runbook_only' // _native_path: the runbook until the partner opts into native moves
     REPLACEMENT_OFFERS: replacementOffers
     REPLACEMENT_BILLING_CYCLE: replacementBillingCycle
     REPLACEMENT_TERM_DURATION: replacementTermDuration
