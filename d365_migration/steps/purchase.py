@@ -23,6 +23,7 @@ from .._exceptions import ConflictError, NotFoundError, PartnerCenterApiError
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
+from ._preflight import preflight
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
@@ -110,6 +111,8 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
             f"migration's tag; nothing bought. If it IS this migration's replacement, add [{record.tag}] to "
             "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
             "`retry --buy-anyway`")
+        return None
+    if not await preflight(work, quantity=old.quantity or record.quantity):
         return None
     await work.transition("purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
                           replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
