@@ -94,6 +94,8 @@ class MigrationRecord:
     users_cursor: str | None = None  # JSON PageRequest of the next users page to work on (resumable moves)
     user_failures: str | None = None  # "upn: reason; …" of users that could not be moved so far
     buy_anyway: bool = False  # an operator confirmed an untagged subscription of the replacement is not ours
+    reseller_partner_id: str | None = None  # the old subscription's indirect reseller (carried to the purchase)
+    purchase_attempt: int = 0  # RequestAttempt.attempt of the next cart/checkout/order write (bumped per answer)
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None
