@@ -34,7 +34,11 @@ from ._preflight import preflight
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
-__all__ = ["friendly_name", "run"]
+__all__ = ["CLOCK_SKEW", "friendly_name", "run"]
+
+# Partner Center's clock and ours may differ a little: an order found by product and quantity may carry a creation
+# time slightly before our recorded attempt.
+CLOCK_SKEW = timedelta(minutes=2)
 
 
 async def run(work: Work) -> StepResult:
@@ -191,14 +195,23 @@ async def _subscriptions_of_order(work: Work) -> list[Subscription]:
 
 
 async def _recover_order(work: Work) -> None:
-    """After an answer we did not see (checkout or order), find the order by the record's tag and record it."""
+    """After an answer we did not see (checkout or order), find the order and record it. New commerce does not keep
+    our friendly name (order line items carry the product name; checkout-a-cart), so the tag is only a convenience:
+    the source of truth is an order of the replacement's product with the record's quantity, created after the
+    recorded attempt (orders "can take up to 15 minutes to appear", hence the caller's waits)."""
     record = work.record
     if record.order_id or not (record.cart_id or record.order_attempted_at):
         return
-    for order in await work.client.list_orders(record.customer_id):
-        if any(record.tag in (li.friendly_name or "") for li in order.line_items):
-            await work.transition("purchasing", "order_found", f"order {order.id}", order_id=order.id)
-            return
+    orders = await work.client.list_orders(record.customer_id)
+    found = next((o for o in orders if any(record.tag in (li.friendly_name or "") for li in o.line_items)), None)
+    since = record.order_attempted_at or record.purchase_started_at
+    if found is None and record.replacement_offer_id and since:
+        after = datetime.fromisoformat(since) - CLOCK_SKEW
+        found = next((o for o in orders if o.matches(record.replacement_offer_id, record.quantity,
+                                                     created_after=after)), None)
+    if found is not None:
+        await work.transition("purchasing", "order_found", f"order {found.id}", order_id=found.id,
+                              purchase_attempt=record.purchase_attempt + 1)
 
 
 async def _record_rejection(work: Work, exc: PurchaseRejectedError) -> None:

@@ -3,8 +3,13 @@ the sandbox with the documented behaviours switched on."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from datetime import timedelta
+
+from d365_migration import MigrationService, StepMessage
 from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState
-from tests.steps._world import Tenant, detect, drive, end_in, queue, service
+from tests.steps._world import Clock, Tenant, detect, drive, end_in, queue, service
 
 
 async def test_mfa_missing_on_license_updates_stops_once_with_the_fix_and_nothing_is_suspended(
@@ -80,3 +85,70 @@ async def test_preflight_blocks_a_pooled_sku_with_the_counts_and_buys_nothing(st
     assert [p for p in state.purchases() if p["customer_id"].lower() == t.customer_id] == []
     assert all(t.licenses(u) == {t.old_sku} for u in [*t.holders, *extra])  # nobody moved
     assert state.subscription(t.customer_id, other.id)["status"] == "active" and t.old_status() == "active"
+
+
+async def _until_reassign(svc: MigrationService, t: Tenant) -> StepMessage:
+    report = await detect(svc)
+    (waiting,) = await drive(svc, [m for m in report.purchase_messages if m.subscription_id == t.subscription_id],
+                             stop_before="reassign")
+    return waiting
+
+
+async def test_provisioning_status_404_800007_is_waited_for_by_time_not_polls(state: SandboxState,
+                                                                             storage: str) -> None:
+    t = Tenant(state)
+    clock = Clock()
+    with SandboxServer(state, SandboxConfig(provisioning_status_lag_s=600)) as srv:
+        async with service(srv.url, storage, clock=clock) as svc:
+            waiting = await _until_reassign(svc, t)
+            many_polls = dataclasses.replace(waiting, poll=500)  # hundreds of quick polls are not a long wait
+            result = await svc.run(many_polls)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.state == "purchased", record
+            assert "800007" in result.note and record.wait_kind == "provisioning_status"
+            clock.advance(timedelta(minutes=59))
+            await svc.run(many_polls)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.state == "purchased", record
+            clock.advance(timedelta(minutes=2))  # past PROVISIONING_STATUS_WAIT_MINUTES (60)
+            await svc.run(many_polls)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.reason is not None and "PROVISIONING_STATUS_WAIT_MINUTES" in record.reason
+    assert state.license_updates() == [] and t.old_status() == "active"
+
+
+async def test_new_sku_missing_from_subscribed_skus_has_its_own_wait(state: SandboxState, storage: str) -> None:
+    t = Tenant(state)
+    clock = Clock()
+    with SandboxServer(state, SandboxConfig(subscribed_skus_lag_s=3600)) as srv:
+        async with service(srv.url, storage, clock=clock, SUBSCRIBED_SKU_WAIT_MINUTES="30") as svc:
+            waiting = await _until_reassign(svc, t)
+            many_polls = dataclasses.replace(waiting, poll=500)
+            result = await svc.run(many_polls)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.state == "reassigning", record
+            assert "subscribed SKUs" in result.note and record.wait_kind == "subscribed_sku"
+            clock.advance(timedelta(minutes=31))
+            await svc.run(many_polls)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.reason is not None and "SUBSCRIBED_SKU_WAIT_MINUTES" in record.reason
+    assert state.license_updates() == [] and t.old_status() == "active"
+
+
+async def test_with_both_lags_on_the_chain_completes_after_waiting(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    with SandboxServer(state, SandboxConfig(provisioning_status_lag_s=2.0, subscribed_skus_lag_s=1.5)) as srv:
+        async with service(srv.url, storage) as svc:
+            message = await _until_reassign(svc, t)
+            for _ in range(40):
+                result = await svc.run(message)
+                if result.next_messages:
+                    await drive(svc, result.next_messages)
+                    break
+                await asyncio.sleep(0.25)
+                message = message.next_poll()
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "completed", record
+    assert t.old_status() == "suspended"
