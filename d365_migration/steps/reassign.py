@@ -182,7 +182,7 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
     failures: list[str] = []
     for user_id, upn, has_new in holders:
         try:
-            await client.update_user_licenses(
+            answer = await client.update_user_licenses(
                 record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
                 request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
                                                     user_id, str(license_pass)))
@@ -194,7 +194,10 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
             continue
         moved += not has_new
         skipped += has_new
-        await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", None, upn))
+        # licenseWarnings come with a successful update: kept with the user's outcome for the operator.
+        warned = "; ".join(f"license warning {w.code}: {w.message}" for w in answer.warnings) or None
+        await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", warned,
+                                                               upn))
     latest = work.record
     await work.checkpoint(
         users_moved=latest.users_moved + moved, users_skipped=latest.users_skipped + skipped,

@@ -152,3 +152,17 @@ async def test_with_both_lags_on_the_chain_completes_after_waiting(state: Sandbo
             record = await svc.ledger.get(t.customer_id, t.subscription_id)
     assert record is not None and record.state == "completed", record
     assert t.old_status() == "suspended"
+
+
+async def test_license_warnings_are_kept_with_each_users_outcome(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    with SandboxServer(state, SandboxConfig(license_warnings=True)) as srv:
+        async with service(srv.url, storage) as svc:
+            report = await detect(svc)
+            await drive(svc, report.purchase_messages)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            outcomes = await svc.ledger.user_outcomes(record)  # type: ignore[arg-type]
+    assert record is not None and record.state == "completed", record
+    moved = [o for o in outcomes if o.outcome == "moved"]
+    assert {o.user_id for o in moved} == set(t.holders)
+    assert all(o.detail and "license warning" in o.detail for o in moved), moved
