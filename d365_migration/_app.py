@@ -106,6 +106,9 @@ def build_service(settings: Settings, **client_options: Any) -> MigrationService
         requests_per_minute=settings.requests_per_minute,
         license_requests_per_minute=settings.license_requests_per_minute,
         max_concurrency=settings.max_concurrency,
+        # The steps follow the documented MS-RequestId rule (a recorded attempt, bumped after every answer), so a
+        # reused id is a bug: refuse to send it.
+        strict_request_ids=client_options.pop("strict_request_ids", True),
         **client_options,
     )
     ledger, queues = storage_clients(settings)

@@ -94,6 +94,10 @@ class MigrationRecord:
     users_cursor: str | None = None  # JSON PageRequest of the next users page to work on (resumable moves)
     user_failures: str | None = None  # "upn: reason; …" of users that could not be moved so far
     buy_anyway: bool = False  # an operator confirmed an untagged subscription of the replacement is not ours
+    reseller_partner_id: str | None = None  # the old subscription's indirect reseller (carried to the purchase)
+    wait_kind: str | None = None  # what the license step is waiting for (provisioning_status, subscribed_sku, …)
+    wait_started_at: str | None = None  # since when (the injected clock): waits are measured in time, not polls
+    purchase_attempt: int = 0  # RequestAttempt.attempt of the next cart/checkout/order write (bumped per answer)
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None

@@ -58,6 +58,9 @@ APP_SETTINGS: tuple[str, ...] = (
     "LEDGER_TABLE",
     "PROVISIONING_POLL_SECONDS",
     "PROVISIONING_TIMEOUT_MINUTES",
+    "PROVISIONING_STATUS_WAIT_MINUTES",
+    "SUBSCRIBED_SKU_WAIT_MINUTES",
+    "FREE_UNITS_WAIT_MINUTES",
     "PARTNER_CENTER_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_MAX_CONCURRENCY",
@@ -206,6 +209,11 @@ class Settings:
     ledger_table: str = "migrations"
     provisioning_poll_seconds: int = 60
     provisioning_timeout_minutes: int = 24 * 60
+    # Each wait of the license step by elapsed time, its own limit. Provisioning status "is updated every 15 minutes"
+    # (get-subscription-provisioning-status): four refreshes before blocking; subscribed SKUs and free units follow it.
+    provisioning_status_wait_minutes: int = 60
+    subscribed_sku_wait_minutes: int = 60
+    free_units_wait_minutes: int = 60
     requests_per_minute: int = 500
     license_requests_per_minute: int = 300
     max_concurrency: int = 16
@@ -369,6 +377,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ledger_table=table,
         provisioning_poll_seconds=_int(env, "PROVISIONING_POLL_SECONDS", 60, minimum=0, maximum=3600),
         provisioning_timeout_minutes=_int(env, "PROVISIONING_TIMEOUT_MINUTES", 24 * 60, minimum=1),
+        provisioning_status_wait_minutes=_int(env, "PROVISIONING_STATUS_WAIT_MINUTES", 60, minimum=1),
+        subscribed_sku_wait_minutes=_int(env, "SUBSCRIBED_SKU_WAIT_MINUTES", 60, minimum=1),
+        free_units_wait_minutes=_int(env, "FREE_UNITS_WAIT_MINUTES", 60, minimum=1),
         requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),

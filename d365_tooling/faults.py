@@ -173,6 +173,15 @@ def _legacy(seed: int) -> Scenario:
                     client_timeout_s=0.5)
 
 
+def _documented(name: str, **sandbox: Any) -> Callable[[int], Scenario]:
+    """A documented Partner Center behaviour (issue 10) switched on in the sandbox, on top of lost first answers where
+    the behaviour is about finding what a write did."""
+    def make(seed: int) -> Scenario:
+        return Scenario(name, seed, sandbox=dict(sandbox))
+
+    return make
+
+
 def _baseline(seed: int) -> Scenario:
     return Scenario("no_faults", seed)
 
@@ -191,6 +200,17 @@ KINDS: dict[str, Callable[[int], Scenario]] = {
     "crash_after_call": _crashes,
     "all_together": _all_together,
     "legacy_orders_lost_and_late": _legacy,
+    # issue 10: documented behaviours the sandbox can switch on
+    "nce_product_names_lost_first_write": _documented(
+        "nce_product_names_lost_first_write", nce_product_friendly_names=True,
+        faults={"lose_first_write_response": True}),
+    "availabilities_rotated": _documented("availabilities_rotated", availabilities_rotated=True),
+    "patch_accepted_202": _documented("patch_accepted_202", patch_accepted=True, patch_apply_delay_s=0.5),
+    "provisioning_and_sku_lag": _documented("provisioning_and_sku_lag", provisioning_status_lag_s=2.0,
+                                            subscribed_skus_lag_s=1.0),
+    "paging_2000_and_license_warnings": _documented(
+        "paging_2000_and_license_warnings", customer_paging_ends_in_2000=True, users_paging_ends_in_2000=True,
+        license_warnings=True),
     "human_suspended_before_purchase": _human("suspended_before_purchase"),
     "human_autorenew_before_purchase": _human("autorenew_before_purchase"),
     "human_bought_replacement_tagged": _human("bought_replacement_tagged"),

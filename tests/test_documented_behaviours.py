@@ -484,6 +484,8 @@ def test_the_demo_and_pending_behaviour_lists_name_real_switches() -> None:
     config = SandboxConfig.realistic(include_pending=True)
     for name, value in {**DEMO_BEHAVIOURS, **PENDING_BEHAVIOURS}.items():
         assert getattr(config, name) == value
-    assert not SandboxConfig.realistic().nce_product_friendly_names and SandboxConfig.realistic().patch_accepted
+    # every documented behaviour the steps handle is on in the demo preset; the plain config stays quiet
+    assert SandboxConfig.realistic().nce_product_friendly_names and SandboxConfig.realistic().patch_accepted
+    assert not SandboxConfig().nce_product_friendly_names and not SandboxConfig().availabilities_rotated
     with pytest.raises(TypeError):
         SandboxConfig.realistic(no_such_switch=True)

@@ -60,6 +60,20 @@ async def test_fault_kind_still_completes_every_migration(storage: str, kind: st
 
 
 @pytest.mark.parametrize("kind", [
+    "nce_product_names_lost_first_write",
+    "availabilities_rotated",
+    "patch_accepted_202",
+    "provisioning_and_sku_lag",
+    "paging_2000_and_license_warnings",
+])
+async def test_documented_behaviour_kind_completes_every_migration(storage: str, kind: str) -> None:
+    """Issue 10: each documented Partner Center behaviour, switched on in the sandbox, over the whole chain."""
+    result = await run_scenario(_small(kind, 5), storage)
+    _assert_clean(result, faults=kind == "nce_product_names_lost_first_write")
+    assert result.completed == result.migrations
+
+
+@pytest.mark.parametrize("kind", [
     "human_suspended_before_purchase",
     "human_regranted_old_license",
 ])

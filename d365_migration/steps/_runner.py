@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from .._context import current_correlation_id
-from .._exceptions import ConcurrencyConflict, InvalidMessageError
+from .._exceptions import AccessDeniedError, ConcurrencyConflict, InvalidMessageError, LookAgainLater
 from .._ledger import MigrationRecord
 from .._messages import StepMessage
 from ._policy import FAIL_ATTEMPTS, LEASE, busy_delay_seconds
@@ -61,6 +61,34 @@ async def _observed(work: Work) -> AsyncIterator[None]:
         for observer in list(_observers):
             await stack.enter_async_context(observer.around_step(work))
         yield
+
+
+async def _stop_or_wait(work: Work, step: StepFunction) -> StepResult:
+    """Run ``step``; the two kinds of Partner Center answer that are not the migration's failure end here.
+
+    * ``AccessDeniedError`` (401/403: MFA, Conditional Access, app-only token, GDAP roles): every other call of the
+      same kind would fail the same way, so the record stops ONCE as ``blocked`` with the fix (the roles by name), on
+      the first delivery — never one failure per user, never the poison queue, and nothing after it (no suspension).
+    * ``LookAgainLater`` (an update still pending, provisioning status not ready, a ``Retry-After`` longer than the
+      client sleeps): the same message comes back later, after the service's ``retry_after`` when it gave one.
+    """
+    try:
+        return await step(work)
+    except AccessDeniedError as exc:
+        latest = await work.deps.ledger.get(work.record.customer_id, work.record.subscription_id)
+        if latest is not None:
+            work.record = latest
+        if work.record.is_final:
+            return work.stop(f"already {work.record.state}")
+        await work.transition(
+            "blocked", "access_denied",
+            f"Partner Center refused access ({exc.reason}, HTTP {exc.status}"
+            f"{' code ' + exc.code if exc.code else ''}) on {exc.method} {exc.path}: {exc.description}. "
+            f"Fix: {exc.fix}; then `python -m d365_migration retry`. Nothing further was done")
+        return work.stop("blocked: access denied")
+    except LookAgainLater as exc:
+        delay = None if exc.retry_after is None else max(1, int(exc.retry_after + 0.999))
+        raise RetryLater(f"Partner Center says look again later: {exc}", delay=delay) from None
 
 
 class StepRunner:
@@ -114,7 +142,7 @@ class StepRunner:
         self._running.add(owner)
         try:
             async with _observed(work):
-                result = await step(work)
+                result = await _stop_or_wait(work, step)
         except RetryLater as wait:
             await self._release(work.record, owner)
             await self._delay(message, wait.why, wait.delay)

@@ -18,15 +18,27 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from .._client import deterministic_request_id
-from .._exceptions import ConflictError, NotFoundError, PartnerCenterApiError
+from .._client import RequestAttempt
+from .._exceptions import (
+    ConflictError,
+    NoAvailabilityError,
+    NotFoundError,
+    PartnerCenterApiError,
+    PurchaseRejectedError,
+)
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
+from .._settings import ReplacementTarget
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
+from ._preflight import preflight
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
-__all__ = ["friendly_name", "run"]
+__all__ = ["CLOCK_SKEW", "friendly_name", "run"]
+
+# Partner Center's clock and ours may differ a little: an order found by product and quantity may carry a creation
+# time slightly before our recorded attempt.
+CLOCK_SKEW = timedelta(minutes=2)
 
 
 async def run(work: Work) -> StepResult:
@@ -57,12 +69,15 @@ async def run(work: Work) -> StepResult:
     new_sub = await _find_replacement(work, listed)
     if new_sub is None and not work.record.order_id:
         offer = work.record.replacement_offer_id or replacement
-        if ":" in offer:
-            await _buy_through_cart(work, offer)
-        else:
-            await _buy_through_order(work, offer)
-        if work.record.state == "failed":
-            return work.stop("failed")
+        try:
+            if ":" in offer:
+                await _buy_through_cart(work, offer)
+            else:
+                await _buy_through_order(work, offer)
+        except PurchaseRejectedError as exc:
+            await _record_rejection(work, exc)
+        if work.record.is_final:
+            return work.stop(work.record.state)
         new_sub = await _find_replacement(work)
 
     if new_sub is None or new_sub.status != "active":
@@ -111,9 +126,11 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
             "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
             "`retry --buy-anyway`")
         return None
+    if not await preflight(work, quantity=old.quantity or record.quantity):
+        return None
     await work.transition("purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
                           replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
-                          purchase_started_at=work.now().isoformat())
+                          purchase_started_at=work.now().isoformat(), reseller_partner_id=old.partner_id or None)
     return listed
 
 
@@ -178,34 +195,91 @@ async def _subscriptions_of_order(work: Work) -> list[Subscription]:
 
 
 async def _recover_order(work: Work) -> None:
-    """After an answer we did not see (checkout or order), find the order by the record's tag and record it."""
+    """After an answer we did not see (checkout or order), find the order and record it. New commerce does not keep
+    our friendly name (order line items carry the product name; checkout-a-cart), so the tag is only a convenience:
+    the source of truth is an order of the replacement's product with the record's quantity, created after the
+    recorded attempt (orders "can take up to 15 minutes to appear", hence the caller's waits)."""
     record = work.record
     if record.order_id or not (record.cart_id or record.order_attempted_at):
         return
-    for order in await work.client.list_orders(record.customer_id):
-        if any(record.tag in (li.friendly_name or "") for li in order.line_items):
-            await work.transition("purchasing", "order_found", f"order {order.id}", order_id=order.id)
-            return
+    orders = await work.client.list_orders(record.customer_id)
+    found = next((o for o in orders if any(record.tag in (li.friendly_name or "") for li in o.line_items)), None)
+    since = record.order_attempted_at or record.purchase_started_at
+    if found is None and record.replacement_offer_id and since:
+        after = datetime.fromisoformat(since) - CLOCK_SKEW
+        found = next((o for o in orders if o.matches(record.replacement_offer_id, record.quantity,
+                                                     created_after=after)), None)
+    if found is not None:
+        await work.transition("purchasing", "order_found", f"order {found.id}", order_id=found.id,
+                              purchase_attempt=record.purchase_attempt + 1)
 
 
-async def _buy_through_cart(work: Work, catalog_item_id: str) -> None:
+async def _record_rejection(work: Work, exc: PurchaseRejectedError) -> None:
+    """A business failure of the purchase: recorded with Partner Center's code and text on the first delivery. No
+    availability for the configured term and billing cycle is a configuration problem (``blocked``); anything else
+    Partner Center refused is ``failed``. The next attempt (after ``retry``) gets new request ids."""
+    code = f" code {exc.code}" if exc.code else ""
+    text = (f"Partner Center refused the purchase at {exc.stage} (HTTP {exc.status}{code}): {exc.description}; "
+            "nothing was bought")
+    if isinstance(exc, NoAvailabilityError):
+        await work.transition("blocked", "no_availability",
+                              text + ". Check REPLACEMENT_TERM_DURATION / REPLACEMENT_BILLING_CYCLE and "
+                              "REPLACEMENT_OFFERS, then `python -m d365_migration retry`",
+                              purchase_attempt=work.record.purchase_attempt + 1)
+        return
+    await work.transition("failed", f"purchase_rejected_{exc.stage}", text,
+                          purchase_attempt=work.record.purchase_attempt + 1)
+
+
+def _attempt(work: Work, operation: str, *key: str) -> RequestAttempt:
+    """The request id of the next attempt, by the documented rule: the recorded attempt number (bumped after every
+    answer), moved past any id this process already saw answered (a duplicate delivery racing the ledger)."""
+    attempt = RequestAttempt(operation, (work.record.customer_id, *key), work.record.purchase_attempt)
+    while work.client.was_answered(attempt):
+        attempt = attempt.next()
+    return attempt
+
+
+async def _current_catalog_item(work: Work, offer: str) -> str:
+    """The catalog item to buy now: ``productId:skuId`` (or a full id, whose availability is only a hint) resolved
+    against the current availabilities for the customer's country and the configured term and billing cycle —
+    "This ID can change over time … should only be accessed and used at the time of purchase"
+    (https://learn.microsoft.com/partner-center/developer/product-resources).
+
+    :raises NoAvailabilityError: nothing purchasable matches.
+    """
+    target = ReplacementTarget.parse(offer)
+    assert target.product_id and target.sku_id
+    customer = await work.client.get_customer(work.record.customer_id)
+    if not customer.country:
+        raise NoAvailabilityError(0, None, "the customer's billing profile has no country, so no availability "
+                                  "can be chosen", stage="availability")
+    availability = await work.client.resolve_availability(
+        target.product_id, target.sku_id, country=customer.country,
+        term_duration=work.settings.replacement_term_duration,
+        billing_cycle=work.settings.replacement_billing_cycle)
+    return availability.catalog_item_id
+
+
+async def _buy_through_cart(work: Work, offer: str) -> None:
     """New commerce: cart (recorded before checkout), then checkout (idempotent per cart)."""
     record, client = work.record, work.client
     if not record.cart_id:
+        catalog_item_id = await _current_catalog_item(work, offer)
         cart = await client.create_cart(
             record.customer_id, catalog_item_id, record.quantity,
             billing_cycle=work.settings.replacement_billing_cycle,
             term_duration=work.settings.replacement_term_duration,
-            friendly_name=friendly_name(record),
-            request_id=deterministic_request_id("cart", record.customer_id, record.subscription_id))
+            friendly_name=friendly_name(record), reseller_partner_id=record.reseller_partner_id,
+            request_id=_attempt(work, "cart", record.subscription_id))
         # Recorded BEFORE checkout: a crash after this point resumes with the same cart, and checkout is
-        # idempotent per cart, so the purchase happens at most once.
-        record = await work.transition("purchasing", "cart_created", f"cart {cart.id}", cart_id=cart.id)
+        # idempotent per cart, so the purchase happens at most once. The answer was seen: the next write gets a new id.
+        record = await work.transition("purchasing", "cart_created", f"cart {cart.id} ({catalog_item_id})",
+                                       cart_id=cart.id, purchase_attempt=record.purchase_attempt + 1)
     assert record.cart_id
     try:
-        result = await client.checkout_cart(
-            record.customer_id, record.cart_id,
-            request_id=deterministic_request_id("checkout", record.customer_id, record.cart_id))
+        result = await client.checkout_cart(record.customer_id, record.cart_id,
+                                            request_id=_attempt(work, "checkout", record.cart_id))
     except ConflictError as exc:
         if exc.code in ("800064", "800060"):
             raise RetryLater(f"checkout in progress ({exc.code})", delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
@@ -213,16 +287,13 @@ async def _buy_through_cart(work: Work, catalog_item_id: str) -> None:
     except PartnerCenterApiError as exc:
         if exc.code == "800065":  # already submitted: the purchase happened; find what it created
             raise RetryLater("cart already checked out; waiting for its subscription") from None
-        if exc.status in (400, 403, 404):
-            await work.transition("failed", "checkout_rejected", str(exc))
-            return
         raise
-    if result.order_errors:
-        await work.transition("failed", "checkout_order_errors",
-                              "; ".join(f"{e.code}: {e.description}" for e in result.order_errors))
-        return
+    rejection = result.rejection()
+    if rejection is not None:
+        raise rejection
     order_id = result.orders[0].id if result.orders else None
-    await work.transition("purchasing", "checked_out", f"order {order_id}", order_id=order_id)
+    await work.transition("purchasing", "checked_out", f"order {order_id}", order_id=order_id,
+                          purchase_attempt=record.purchase_attempt + 1)
 
 
 async def _buy_through_order(work: Work, offer_id: str) -> None:
@@ -230,7 +301,7 @@ async def _buy_through_order(work: Work, offer_id: str) -> None:
     record = work.record
     if record.order_id:
         return
-    request_id = deterministic_request_id("order", record.customer_id, record.subscription_id)
+    request_id = _attempt(work, "order", record.subscription_id)
     if record.order_attempted_at:
         # A previous attempt may have been applied without us seeing the answer (_recover_order found no order
         # with our tag). Orders can take up to 15 minutes to show in the order list, so wait that long before
@@ -243,14 +314,10 @@ async def _buy_through_order(work: Work, offer_id: str) -> None:
     try:
         order = await work.client.create_order(
             record.customer_id, offer_id, record.quantity, friendly_name=friendly_name(record),
-            billing_cycle="monthly", request_id=request_id)
+            billing_cycle="monthly", request_id=request_id, partner_id_on_record=record.reseller_partner_id)
     except ConflictError as exc:
         if exc.code == "800060":  # "your order is in progress": treat as possibly succeeded
             raise RetryLater("order in progress (800060)", delay=ORDER_IN_PROGRESS_DELAY_SECONDS) from None
         raise
-    except PartnerCenterApiError as exc:
-        if exc.status in (400, 403, 404):
-            await work.transition("failed", "order_rejected", str(exc))
-            return
-        raise
-    await work.transition("purchasing", "ordered", f"order {order.id}", order_id=order.id)
+    await work.transition("purchasing", "ordered", f"order {order.id}", order_id=order.id,
+                          purchase_attempt=record.purchase_attempt + 1)

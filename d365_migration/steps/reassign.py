@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .._client import PageRequest, deterministic_request_id
-from .._exceptions import NotFoundError, PartnerCenterApiError
+from .._exceptions import PartnerCenterApiError, ProvisioningNotReadyError
 from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
 from .._settings import is_guid
-from ._policy import NOT_ENOUGH_LICENSES_POLLS, SKU_UNKNOWN_POLLS
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
@@ -79,6 +78,16 @@ async def run(work: Work) -> StepResult:
     return work.hand_over("reassigned")
 
 
+async def _waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
+    """Start (or continue) the wait named ``kind``, measured by the injected clock; True once it has lasted longer
+    than ``limit_minutes``. Each wait has its own start, so a slow SKU never eats the free-units wait."""
+    record, now = work.record, work.now()
+    if record.wait_kind != kind or not record.wait_started_at:
+        await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
+        return False
+    return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
+
+
 async def _resolve_skus(work: Work) -> bool:
     """Record both product SKUs; ``False`` after blocking the record.
 
@@ -87,26 +96,45 @@ async def _resolve_skus(work: Work) -> bool:
     record = work.record
     assert record.new_subscription_id
     old_sku = record.old_sku_id or await _sku_of(work, record.subscription_id, old=True)
-    new_sku = record.new_sku_id or await _sku_of(work, record.new_subscription_id, old=False)
-    if not old_sku or not new_sku:
-        if work.message.poll >= SKU_UNKNOWN_POLLS:
-            await work.transition("blocked", "sku_unknown",
-                                  f"cannot tell the product SKU of the {'old' if not old_sku else 'new'} subscription")
+    try:
+        new_sku = record.new_sku_id or await _sku_of(work, record.new_subscription_id, old=False)
+        pending = "" if new_sku else "has no skuId yet"
+    except ProvisioningNotReadyError:
+        new_sku, pending = None, "answers 404 800007 (not refreshed yet)"
+    if not new_sku:
+        # Provisioning status "is updated every 15 minutes" (get-subscription-provisioning-status).
+        limit = work.settings.provisioning_status_wait_minutes
+        if await _waited_too_long(work, "provisioning_status", limit):
+            await work.transition(
+                "blocked", "provisioning_status_unavailable",
+                f"the replacement's provisioning status {pending} after {limit} min "
+                "(PROVISIONING_STATUS_WAIT_MINUTES); check the subscription in Partner Center, then "
+                "`python -m d365_migration retry`")
             return False
-        raise RetryLater("product SKU not resolvable yet")
+        raise RetryLater(f"replacement's provisioning status {pending}")
+    if not old_sku:
+        await work.transition("blocked", "sku_unknown", "cannot tell the product SKU of the old subscription")
+        return False
     await work.transition("reassigning", "skus_resolved", f"old {old_sku} → new {new_sku}", old_sku_id=old_sku,
-                          new_sku_id=new_sku)
+                          new_sku_id=new_sku, wait_kind=None, wait_started_at=None)
     return True
 
 
 async def _sku_of(work: Work, subscription_id: str, *, old: bool) -> str | None:
+    """The product SKU a subscription grants, from its provisioning status (the old one: else the catalog).
+
+    :raises ProvisioningNotReadyError: the new subscription's provisioning status is not available yet.
+    """
     record, client = work.record, work.client
     try:
         status = await client.get_provisioning_status(record.customer_id, subscription_id)
-        if status.sku_id and is_guid(status.sku_id):
+        if status.sku_id and is_guid(status.sku_id) and status.status != "pending":
             return status.sku_id
-    except (NotFoundError, PartnerCenterApiError) as exc:
-        if isinstance(exc, PartnerCenterApiError) and exc.status >= 500:
+    except ProvisioningNotReadyError:
+        if not old:
+            raise
+    except PartnerCenterApiError as exc:
+        if exc.status >= 500:
             raise
     if old:
         offer = work.deps.catalog.match(record.offer_id, record.offer_name)
@@ -128,20 +156,33 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
     need_units = sum(1 for _, _, has_new in holders if not has_new)
     if need_units:
         skus = {s.product_sku.id.lower(): s for s in await client.list_subscribed_skus(record.customer_id)}
-        available = skus[new_sku.lower()].available_units if new_sku.lower() in skus else 0
+        listed = skus.get(new_sku.lower())
+        available = listed.available_units if listed is not None else 0
+        if listed is None:
+            # subscribedskus lags a new subscription: wait for the SKU to be listed at all, by its own clock.
+            limit = work.settings.subscribed_sku_wait_minutes
+            if await _waited_too_long(work, "subscribed_sku", limit):
+                await work.transition(
+                    "blocked", "new_sku_not_listed",
+                    f"the new SKU {new_sku} is not in the customer's subscribed SKUs {limit} min after the "
+                    "replacement became active (SUBSCRIBED_SKU_WAIT_MINUTES); check the subscription in Partner "
+                    "Center, then `python -m d365_migration retry`")
+                return None
+            raise RetryLater(f"new SKU not in subscribed SKUs yet ({need_units} users to move)")
         if available < need_units:
-            if work.message.poll < NOT_ENOUGH_LICENSES_POLLS:
-                raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
-            await work.transition(
-                "blocked", "not_enough_licenses",
-                f"{need_units} users hold the old SKU but only {available} units of the new SKU are free; "
-                "buy more, then `python -m d365_migration retry`")
-            return None
+            limit = work.settings.free_units_wait_minutes
+            if await _waited_too_long(work, "free_units", limit):
+                await work.transition(
+                    "blocked", "not_enough_licenses",
+                    f"{need_units} users hold the old SKU but only {available} units of the new SKU are free "
+                    f"after {limit} min (FREE_UNITS_WAIT_MINUTES); buy more, then `python -m d365_migration retry`")
+                return None
+            raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
     moved = skipped = 0
     failures: list[str] = []
     for user_id, upn, has_new in holders:
         try:
-            await client.update_user_licenses(
+            answer = await client.update_user_licenses(
                 record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
                 request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
                                                     user_id, str(license_pass)))
@@ -153,13 +194,16 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
             continue
         moved += not has_new
         skipped += has_new
-        await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", None, upn))
+        # licenseWarnings come with a successful update: kept with the user's outcome for the operator.
+        warned = "; ".join(f"license warning {w.code}: {w.message}" for w in answer.warnings) or None
+        await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", warned,
+                                                               upn))
     latest = work.record
     await work.checkpoint(
         users_moved=latest.users_moved + moved, users_skipped=latest.users_skipped + skipped,
         users_failed=latest.users_failed + len(failures),
         user_failures="; ".join(x for x in (latest.user_failures, *failures) if x) or None,
-        users_cursor=json.dumps(next_page.to_json()) if next_page else None)
+        users_cursor=json.dumps(next_page.to_json()) if next_page else None, wait_kind=None, wait_started_at=None)
     return next_page
 
 

@@ -26,7 +26,10 @@ from ._routes import message_for, owner_of
 __all__ = ["REFUSED_PURCHASE_EVENTS", "RedriveResult", "resume_state", "run"]
 
 #: Last events meaning Partner Center refused the purchase, so nothing was bought.
-REFUSED_PURCHASE_EVENTS = frozenset({"order_rejected", "checkout_rejected", "checkout_order_errors"})
+REFUSED_PURCHASE_EVENTS = frozenset({"order_rejected", "checkout_rejected", "checkout_order_errors",
+                                     *(f"purchase_rejected_{stage}" for stage in (
+                                         "cart", "cart_line_item", "checkout", "order_errors", "order",
+                                         "availability"))})
 
 
 @dataclass(frozen=True)

@@ -139,13 +139,13 @@ DEMO_BEHAVIOURS: dict[str, Any] = {
     "license_warnings": True,
     "patch_accepted": True,
     "patch_apply_delay_s": 1.0,
-}
-
-#: Documented, realistic behaviours the current steps do not handle yet (tag-based recovery, 202/409 on suspend,
-#: availability resolution at purchase, waits in polls): off by default until the steps are rewired.
-PENDING_BEHAVIOURS: dict[str, Any] = {
+    # handled by the steps since issue 10's step work: purchases found by order (not tag), availabilities resolved at
+    # purchase time, waits measured in time
     "nce_product_friendly_names": True,
     "availabilities_rotated": True,
     "provisioning_status_lag_s": 20.0,
     "subscribed_skus_lag_s": 10.0,
 }
+
+#: Documented, realistic behaviours the current steps do not handle yet: none left (kept for the next ones).
+PENDING_BEHAVIOURS: dict[str, Any] = {}

@@ -178,6 +178,10 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PARTNER_CENTER_TIMEOUT_SECONDS: '60'
     PROVISIONING_POLL_SECONDS: string(provisioningPollSeconds)
     PROVISIONING_TIMEOUT_MINUTES: string(provisioningTimeoutMinutes)
+    // The license step's waits, each by elapsed time (provisioning status refreshes about every 15 minutes).
+    PROVISIONING_STATUS_WAIT_MINUTES: '60'
+    SUBSCRIBED_SKU_WAIT_MINUTES: '60'
+    FREE_UNITS_WAIT_MINUTES: '60'
     INVOCATION_BUDGET_SECONDS: string(invocationBudgetSeconds)
   }
 }
