@@ -8,7 +8,7 @@ import dataclasses
 from datetime import timedelta
 
 from d365_migration import MigrationService, StepMessage
-from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState
 from tests.steps._world import Clock, Tenant, detect, drive, end_in, queue, service
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from d365_migration.sandbox import SandboxConfig, SandboxServer, SandboxState
-from d365_migration.sandbox._catalog import catalog_item
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.sandbox._catalog import catalog_item
 from tests.steps._world import DEMO_REPLACEMENT_OFFERS, SALES, Tenant, detect, drive, mine, service
 
 
