@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from ._app import open_storage, read_records
 from ._exceptions import ConfigurationError
 from ._ledger import FINAL_STATES, MigrationRecord
+from ._rollout import RolloutControls, RolloutStore, go_live, load_effective_controls
 from ._settings import Settings
 from .steps import redrive
 
@@ -167,12 +168,26 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
     return problems
 
 
+async def _go_live(settings: Settings) -> RolloutControls:
+    async with open_storage(settings) as (ledger, _queues):
+        return await go_live(RolloutStore(ledger.table_client), settings, by="demo", all_customers=True,
+                             reason="make demo: every seeded customer")
+
+
+async def _controls(settings: Settings) -> RolloutControls:
+    async with open_storage(settings) as (ledger, _queues):
+        return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+
+
 def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: list[tuple[str, str, str]],
-                  problems: list[str], elapsed: float) -> None:
+                  problems: list[str], elapsed: float, *, controls: RolloutControls | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(file=out, width=170)
+    if controls is not None:
+        console.print(f"Rollout controls (`python -m d365_migration rollout show`): {controls.summary()}; "
+                      f"last changed by {controls.changed_by} at {controls.changed_at}", markup=False)
     table = Table(title=f"Migrations ({len(records)})")
     for col in ("customer", "old offer", "replacement", "qty", "users moved", "state"):
         table.add_column(col, overflow="fold")
@@ -226,6 +241,10 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
         os.environ.update(env)
         try:
             settings = Settings.from_env()
+            # Going live the documented way: DRY_RUN=false alone never makes the app spend for every customer.
+            controls = asyncio.run(_go_live(settings))
+            out.write("Went live the way a partner does: `python -m d365_migration rollout set --live "
+                      f"--all-customers` → {controls.summary()}\n")
             out.write(f"Sandbox at {sandbox.url}; Azurite on 127.0.0.1. Running detect → purchase → reassign → "
                       "suspend through the local host…\n")
             asyncio.run(run_pipeline(settings, env, timeout=timeout))
@@ -244,7 +263,8 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
             problems = verify_world(state, manifest, records, initial)
             left = [(d.customer_id, d.offer_name, d.reason) for d in manifest.distractors]
             out.write("\n")
-            _print_report(out, records, left, problems, time.monotonic() - started)
+            _print_report(out, records, left, problems, time.monotonic() - started,
+                          controls=asyncio.run(_controls(settings)))
         finally:
             for k, v in previous.items():
                 if v is None:

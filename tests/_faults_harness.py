@@ -63,6 +63,7 @@ from d365_migration.sandbox import (
 from d365_migration.sandbox._faults import SlidingWindow
 from d365_migration.steps import Work, observe_steps
 from tests._azurite_plugin import wipe_account
+from tests._golive import go_live_for_every_customer
 
 APP_ROOT = Path(d365_migration.__file__).resolve().parent.parent
 LEDGER_TABLE = "migrations"
@@ -517,6 +518,8 @@ async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
         env = base_env(server.url, scenario)
         if allow:
             env["CUSTOMER_ALLOWLIST"] = ",".join(allow)
+        else:
+            await asyncio.to_thread(go_live_for_every_customer, connection_string, table=LEDGER_TABLE)
         if scenario.legacy_orders:
             env["REPLACEMENT_OFFERS"] = json.dumps(LEGACY_REPLACEMENT_OFFERS)
         overrides = FAST_HOST | scenario.host_overrides

@@ -24,6 +24,7 @@ from d365_migration.sandbox import (
     SandboxState,
     seed_world,
 )
+from tests._golive import go_live_for_every_customer
 
 HOST = {"maxPollingInterval": 0.2, "visibilityTimeout": 0.5}
 
@@ -41,6 +42,8 @@ def world() -> Iterator[tuple[SandboxServer, Any, dict[str, str]]]:
 
 
 def _env(server: SandboxServer, storage: str, offers: dict[str, Any], **extra: str) -> dict[str, str]:
+    if extra.get("DRY_RUN", "false") == "false":
+        go_live_for_every_customer(storage)
     return {"PARTNER_CENTER_ENDPOINT": server.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "false",
             "REPLACEMENT_OFFERS": json.dumps(offers), "AzureWebJobsStorage": storage,
             "PROVISIONING_POLL_SECONDS": "1", "DETECT_SCHEDULE": "0 0 6 * * *",

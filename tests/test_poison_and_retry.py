@@ -35,6 +35,7 @@ from d365_migration.sandbox import (
     SandboxState,
     sku_for_offer,
 )
+from tests._golive import go_live_for_every_customer
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 SALES = next(o for o in RETIRED_OFFERS if o.family == "sales" and o.audience == "commercial")
@@ -71,6 +72,8 @@ def env_for(url: str, storage: str, **overrides: str) -> dict[str, str]:
         "PROVISIONING_POLL_SECONDS": "1", "DETECT_SCHEDULE": "0 0 6 * * *",
     }
     env.update(overrides)
+    if env["DRY_RUN"] == "false" and not env.get("CUSTOMER_ALLOWLIST"):
+        go_live_for_every_customer(storage)
     return env
 
 

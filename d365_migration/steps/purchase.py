@@ -22,6 +22,7 @@ from .._client import deterministic_request_id
 from .._exceptions import ConflictError, NotFoundError, PartnerCenterApiError
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
+from ._gate import purchase_allowed
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
@@ -46,6 +47,9 @@ async def run(work: Work) -> StepResult:
             f"no REPLACEMENT_OFFERS entry for {record.family}.{record.audience}; add one, then "
             "`python -m d365_migration retry`")
         return work.stop("blocked")
+
+    if not await purchase_allowed(work):  # paused, dry run or out of scope: nothing bought, the record waits
+        return work.stop("rollout paused")
 
     listed: list[Subscription] | None = None
     if record.state == "detected":
