@@ -84,6 +84,7 @@ EXPECTED_DEFAULTS: dict[str, tuple[str, str | None]] = {
     "INVOCATION_BUDGET_SECONDS": ("480", "invocation_budget_seconds"),
     "REPLACEMENT_BILLING_CYCLE": ("monthly", "replacement_billing_cycle"),
     "REPLACEMENT_TERM_DURATION": ("P1Y", "replacement_term_duration"),
+    "REPLACEMENT_QUANTITY_POLICY": ("old_quantity", "replacement_quantity_policy"),
     "RETIRED_OFFERS_EXTRA": ("", None),
     "PARTNER_CENTER_TENANT_ID": ("", None),
     "PARTNER_CENTER_CLIENT_ID": ("", None),

@@ -24,6 +24,7 @@ from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
 from ._gate import purchase_allowed
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
+from ._quantity import replacement_quantity
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
@@ -115,8 +116,9 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
             "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
             "`retry --buy-anyway`")
         return None
-    await work.transition("purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
-                          replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
+    quantity, how = await replacement_quantity(work, old)
+    await work.transition("purchasing", "purchase_started", f"buying {replacement} x{quantity}: {how}",
+                          replacement_offer_id=replacement, quantity=quantity,
                           purchase_started_at=work.now().isoformat())
     return listed
 

@@ -1,0 +1,61 @@
+"""How many seats the replacement is bought with: ``REPLACEMENT_QUANTITY_POLICY``.
+
+* ``old_quantity`` (default, the runbook's behaviour): the old subscription's quantity. Every seat the customer had
+  is there on day one, including seats nobody uses — which the customer pays for again, for the whole new term (a
+  12-month commitment for 10 seats when 7 users hold the license costs 3 unused seats for a year).
+* ``license_holders``: one seat per user who holds the old license right before the purchase, read from the
+  customer's subscribed SKUs (``consumedUnits`` of the old product SKU, the licenses assigned to users: SubscribedSku,
+  https://learn.microsoft.com/dotnet/api/microsoft.store.partnercenter.models.licenses.subscribedsku). Never fewer
+  than the holders, so every user can be moved; at least 1. Cheaper, but seats for future users must be added later.
+  When the old SKU or its holders cannot be read, the old quantity is bought (never fewer than needed) and the
+  record's history says so.
+"""
+
+from __future__ import annotations
+
+from .._exceptions import NotFoundError, PartnerCenterApiError
+from .._models import Subscription
+from .._settings import is_guid
+from ._work import Work
+
+__all__ = ["replacement_quantity"]
+
+
+async def replacement_quantity(work: Work, old: Subscription) -> tuple[int, str]:
+    """The quantity to buy for ``work.record`` under the configured policy, and a note saying how it was chosen.
+
+    :raises PartnerCenterError: a read failed after the client's retries (the message is retried; nothing bought).
+    """
+    record = work.record
+    old_quantity = old.quantity or record.quantity
+    policy = work.settings.replacement_quantity_policy
+    if policy == "old_quantity":
+        return old_quantity, f"old subscription's quantity {old_quantity} (REPLACEMENT_QUANTITY_POLICY=old_quantity)"
+    holders = await _holders_of_old_sku(work)
+    if holders is None:
+        return old_quantity, (f"license holders unknown (old SKU not readable): old quantity {old_quantity} "
+                              "(REPLACEMENT_QUANTITY_POLICY=license_holders)")
+    quantity = max(1, holders)
+    return quantity, (f"{holders} user(s) hold the old license: {quantity} seat(s) instead of {old_quantity} "
+                      "(REPLACEMENT_QUANTITY_POLICY=license_holders)")
+
+
+async def _holders_of_old_sku(work: Work) -> int | None:
+    """Users holding the old subscription's product SKU (``consumedUnits``), or ``None`` when the SKU is unknown."""
+    record, client = work.record, work.client
+    sku_id = record.old_sku_id
+    if not sku_id:
+        try:
+            status = await client.get_provisioning_status(record.customer_id, record.subscription_id)
+            sku_id = status.sku_id if status.sku_id and is_guid(status.sku_id) else None
+        except (NotFoundError, PartnerCenterApiError) as exc:
+            if isinstance(exc, PartnerCenterApiError) and exc.status >= 500:
+                raise
+    skus = await client.list_subscribed_skus(record.customer_id)
+    if sku_id:
+        match = next((s for s in skus if s.product_sku.id.lower() == sku_id.lower()), None)
+        return match.consumed_units if match else None
+    offer = work.deps.catalog.match(record.offer_id, record.offer_name)
+    parts = {p.lower() for p in (offer.sku_part_numbers if offer else ())}
+    matches = [s for s in skus if (s.product_sku.sku_part_number or "").lower() in parts]
+    return matches[0].consumed_units if len(matches) == 1 else None
