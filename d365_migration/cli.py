@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -49,8 +49,10 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     from ._client import PartnerCenterClient
     from ._ledger import utcnow
     from ._scan import scan_all
+    from .steps._quantity import POLICY_TEXT, holders_by_part_numbers
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    policy = settings.replacement_quantity_policy
     rows: list[dict[str, Any]] = []
     left: list[dict[str, Any]] = []
     customers = 0
@@ -70,6 +72,8 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                 progress.update(task, description=f"scanned {customers} customers, {len(rows)} to migrate")
                 if scan.error:
                     errors.append(f"{scan.customer.id}: {scan.error}")
+                skus = (await client.list_subscribed_skus(scan.customer.id)
+                        if scan.candidates and policy == "license_holders" else [])
                 for c in scan.candidates:
                     in_scope = settings.customer_in_scope(c.customer.id)
                     replacement = settings.replacement_offers.lookup(c.offer.family, c.offer.audience)
@@ -83,6 +87,8 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                         "replacement": replacement,
                         "action": ("skip: customer not in scope" if not in_scope else
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
+                        "quantityToBuy": _quantity_to_buy(policy, c.subscription.quantity,
+                                                          holders_by_part_numbers(skus, c.offer.sku_part_numbers)),
                     }
                     rows.append(row)
                 if show_all:
@@ -91,12 +97,12 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         requests = client.stats.requests
     rows.sort(key=lambda r: (r["customerId"], r["subscriptionId"]))
     if fmt == "json":
-        json.dump({"customers": customers, "migrations": rows, "leftAlone": left, "errors": errors,
-                   "requests": requests}, out, indent=2)
+        json.dump({"customers": customers, "quantityPolicy": policy, "quantityPolicyText": POLICY_TEXT[policy],
+                   "migrations": rows, "leftAlone": left, "errors": errors, "requests": requests}, out, indent=2)
         out.write("\n")
     elif fmt == "csv":
         fields = ["customerId", "customerName", "subscriptionId", "offerName", "family", "audience", "channel",
-                  "quantity", "commitmentEndDate", "replacement", "action"]
+                  "quantity", "commitmentEndDate", "replacement", "action", "quantityToBuy"]
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -104,13 +110,16 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         from rich.table import Table
 
         table = Table(title=f"Migrations planned ({len(rows)} of {customers} customers scanned)")
-        for col in ("customer", "old offer", "audience", "qty", "ends", "replacement", "action"):
+        for col in ("customer", "old offer", "audience", "qty", "to buy", "ends", "replacement", "action"):
             table.add_column(col)
         for r in rows:
             table.add_row(r["customerName"] or r["customerId"], r["offerName"], r["audience"], str(r["quantity"]),
-                          r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"])
+                          str(r["quantityToBuy"]), r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"])
         console = _console(out)
         console.print(table)
+        console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}; "
+                      f"{sum(r['quantityToBuy'] for r in rows if r['action'] == 'migrate')} seat(s) to buy in total.",
+                      soft_wrap=True, markup=False)
         if left:
             lt = Table(title="Retired offers left alone")
             for col in ("customer", "subscription", "offer", "why"):
@@ -123,19 +132,109 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     return 1 if errors else 0
 
 
+def _quantity_to_buy(policy: str, old_quantity: int, holders: int | None) -> int:
+    """What the purchase step would buy now (steps/_quantity.py): holders unknown → the old quantity."""
+    if policy == "license_holders" and holders is not None:
+        return max(1, holders)
+    return old_quantity
+
+
 # ---------------------------------------------------------------------------------------------------- ledger
 
 
-def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations") -> None:
+def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations", *,
+                  would_do: Callable[[MigrationRecord], str] | None = None) -> None:
+    """The records as a table, with the ``<customer>/<subscription>`` id that ``retry`` and ``cancel`` take.
+    ``would_do``: a dry run's column saying what going live would do with each record."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("customer", "old offer", "replacement", "qty", "users moved", "state", "reason"):
-        table.add_column(col, overflow="fold")
+    columns = ["record (customer/subscription)", "customer", "old offer", "replacement", "qty", "users moved",
+               "state", "reason"]
+    if would_do is not None:
+        columns.insert(3, "would do")
+    for col in columns:
+        # the id column never wraps: it is copied into `retry` / `cancel`
+        table.add_column(col, overflow="fold", no_wrap=col.startswith("record"), min_width=73 if col.startswith(
+            "record") else None)
     for r in records:
-        table.add_row(r.customer_name or r.customer_id, r.offer_name or "", r.replacement_offer_id or "—",
-                      str(r.quantity), str(r.users_moved), r.state, r.reason or "")
+        row = [f"{r.customer_id}/{r.subscription_id}", r.customer_name or "", r.offer_name or "",
+               r.replacement_offer_id or "—", str(r.quantity), str(r.users_moved), r.state, r.reason or ""]
+        if would_do is not None:
+            row.insert(3, would_do(r))
+        table.add_row(*row)
     _console(out).print(table)
+
+
+def _would_do(settings: Settings) -> Callable[[MigrationRecord], str]:
+    """What going live would do with a record that a dry run left ``detected`` (nothing is called)."""
+    def describe(r: MigrationRecord) -> str:
+        if r.state != "detected":
+            return "—"
+        replacement = settings.replacement_offers.lookup(r.family or "", r.audience or "")
+        if replacement is None:
+            return f"block: no REPLACEMENT_OFFERS entry for {r.family}.{r.audience}"
+        seats = (f"{r.quantity}" if settings.replacement_quantity_policy == "old_quantity"
+                 else f"one per license holder (at most {r.quantity})")
+        return f"buy {replacement} x {seats}, move the users, suspend the old subscription"
+    return describe
+
+
+async def _run(settings: Settings, timeout: float, out: TextIO) -> int:
+    """``run``: detect once and serve the queues until none holds a message; say what happened and what needs a
+    human. Exit 0 only when detection and every record went through (or, in a dry run, were recorded)."""
+    from ._app import read_records
+    from ._preflight import check_partner_center, check_storage
+
+    await check_storage(settings)
+    await check_partner_center(settings)
+
+    def progress(counts: dict[str, int]) -> None:
+        print("progress: " + (", ".join(f"{state}={n}" for state, n in counts.items()) or "no records yet"),
+              file=sys.stderr, flush=True)
+
+    print(f"run: scanning customers at {settings.endpoint}, then serving the queues (Ctrl-C stops)…",
+          file=sys.stderr, flush=True)
+    result = await _tooling().run_pipeline(settings, dict(os.environ), timeout=timeout, progress=progress)
+    host = result["host"]
+    records = await read_records(settings)
+    controls = await _controls(settings)
+    problems: list[str] = []
+    scan = host.functions.get("scan_customers")
+    if scan is not None and scan.poisoned:
+        problems.append(f"detection failed: {scan.poisoned} customer page(s) could not be scanned (see the log "
+                        "and the scan-customers-poison queue); fix the cause and run again")
+    others = host.poisoned - (scan.poisoned if scan is not None else 0)
+    if others:
+        problems.append(f"{others} step message(s) were poisoned (their records are marked failed)")
+    if host.stopped_because == "timeout":
+        problems.append(f"stopped after --timeout {timeout:g}s with messages still queued; run again to continue")
+    if controls.dry_run:
+        print_records(records, out, "Dry run: recorded, nothing bought, moved or suspended",
+                      would_do=_would_do(settings))
+        out.write(f"DRY RUN ({controls.summary()}): {sum(r.state == 'detected' for r in records)} migration(s) "
+                  "recorded. To go live: python -m d365_migration rollout set --live --allow <customer-id> "
+                  "(or --all-customers)\n")
+    else:
+        print_records(records, out)
+        if controls.paused:
+            problems.append(f"the rollout is paused ({controls.pause_reason}): records wait as detected; "
+                            "python -m d365_migration rollout resume")
+    for r in records:
+        if r.state in ("failed", "blocked"):
+            problems.append(f"{r.state}: {r.customer_id}/{r.subscription_id}: {r.reason or ''} — re-drive with "
+                            f"python -m d365_migration retry {r.customer_id}/{r.subscription_id}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+async def _controls(settings: Settings) -> Any:
+    from ._app import open_storage
+    from ._rollout import RolloutStore, load_effective_controls
+
+    async with open_storage(settings) as (ledger, _queues):
+        return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
 
 
 async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
@@ -424,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
     p.add_argument("--all", action="store_true", help="also list retired offers left alone, and why")
-    p = sub.add_parser("run", help="detect once, then serve the queues until every record is final")
+    p = sub.add_parser("run", help="detect once, then serve the queues until none holds a message; exit 1 if "
+                                  "detection failed or a record failed or is blocked")
     p.add_argument("--timeout", type=float, default=600.0)
     sub.add_parser("status", help="the ledger").add_argument("--json", action="store_true")
     p = sub.add_parser("retry", help="re-drive a failed or blocked record: <subscription> or <customer>/<subscription>")
@@ -506,11 +606,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "plan":
             return asyncio.run(_plan(settings, args.fmt or "table", args.all, out))
         if args.command == "run":
-            asyncio.run(_tooling().run_pipeline(settings, dict(os.environ), timeout=args.timeout))
-            records = asyncio.run(read_records(settings))
-            print_records(records, out)
-            return 1 if any(r.state == "failed" for r in records) else 0
+            return asyncio.run(_run(settings, args.timeout, out))
         if args.command == "status":
+            from ._preflight import check_storage
+
+            asyncio.run(check_storage(settings))
             records = asyncio.run(read_records(settings))
             if args.json:
                 json.dump([{**r.to_entity(), "History": r.history} for r in records], out, indent=2, default=str)

@@ -13,12 +13,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .._exceptions import NotFoundError, PartnerCenterApiError
-from .._models import Subscription
+from .._models import SubscribedSku, Subscription
 from .._settings import is_guid
 from ._work import Work
 
-__all__ = ["replacement_quantity"]
+__all__ = ["POLICY_TEXT", "holders_by_part_numbers", "replacement_quantity"]
+
+#: What each policy buys and costs, for ``plan`` and the demo report.
+POLICY_TEXT = {
+    "old_quantity": "the replacement is bought at the old subscription's quantity (unused seats are paid again for "
+                    "the new term)",
+    "license_holders": "the replacement is bought with one seat per user holding the old license at purchase time "
+                       "(never fewer; seats for future users are added later)",
+}
+
+
+def holders_by_part_numbers(skus: list[SubscribedSku], part_numbers: Iterable[str]) -> int | None:
+    """``consumedUnits`` of the one subscribed SKU with one of ``part_numbers``; ``None`` when not exactly one."""
+    parts = {p.lower() for p in part_numbers}
+    matches = [s for s in skus if (s.product_sku.sku_part_number or "").lower() in parts]
+    return matches[0].consumed_units if len(matches) == 1 else None
 
 
 async def replacement_quantity(work: Work, old: Subscription) -> tuple[int, str]:
@@ -56,6 +73,4 @@ async def _holders_of_old_sku(work: Work) -> int | None:
         match = next((s for s in skus if s.product_sku.id.lower() == sku_id.lower()), None)
         return match.consumed_units if match else None
     offer = work.deps.catalog.match(record.offer_id, record.offer_name)
-    parts = {p.lower() for p in (offer.sku_part_numbers if offer else ())}
-    matches = [s for s in skus if (s.product_sku.sku_part_number or "").lower() in parts]
-    return matches[0].consumed_units if len(matches) == 1 else None
+    return holders_by_part_numbers(skus, offer.sku_part_numbers if offer else ())
