@@ -89,7 +89,7 @@ EXPECTED_DEFAULTS: dict[str, tuple[str, str | None]] = {
     "PARTNER_CENTER_TENANT_ID": ("", None),
     "PARTNER_CENTER_CLIENT_ID": ("", None),
 }
-ALERT_EVENTS = ("message_poisoned", "record_failed", "refresh_token_expiring", "auth_failed")
+ALERT_EVENTS = ("message_poisoned", "record_failed", "refresh_token_expiring", "auth_failed", "needs_attention")
 FUNCTION_FOLDERS = ("detect_expiring", "purchase_new", "reassign_licenses", "suspend_old", "scan_customers", "status")
 
 

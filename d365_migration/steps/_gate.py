@@ -76,7 +76,7 @@ async def purchase_allowed(work: Work) -> bool:
     if why is None:
         return True
     log_record(record, logging.WARNING,
-               "event=rollout_paused state=%s reason=%r nothing bought; the record waits. To resume: change the "
-               "controls if needed (`python -m d365_migration rollout show`), then `%s`", record.state, why,
-               RESUME_COMMAND)
+               "event=rollout_paused event=needs_attention state=%s reason=%r nothing bought; the record waits. "
+               "redrive=%r (change the controls first if needed: `python -m d365_migration rollout show`)",
+               record.state, why, RESUME_COMMAND)
     return False

@@ -97,8 +97,8 @@ async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
     for scan in scans:
         waiting += await admit(deps, scan, report, controls=controls)
     if waiting and controls.paused:
-        logger.warning("event=rollout_paused run=%s page=%d waiting=%d reason=%r nothing queued; the records stay "
-                       "detected. To resume: `%s`", message.run_id, message.page, len(waiting),
+        logger.warning("event=rollout_paused event=needs_attention run=%s page=%d waiting=%d reason=%r nothing "
+                       "queued; the records stay detected. redrive=%r", message.run_id, message.page, len(waiting),
                        controls.pause_reason or "no reason given", RESUME_COMMAND)
         waiting = []
     granted = await ledger.reserve_purchases(message.run_id, len(waiting), controls.max_purchases_per_run)
