@@ -49,7 +49,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     from ._client import PartnerCenterClient
     from ._ledger import utcnow
     from ._scan import scan_all
-    from .steps._quantity import POLICY_TEXT, holders_by_part_numbers
+    from .steps._quantity import POLICY_TEXT, count_holders
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
     policy = settings.replacement_quantity_policy
@@ -87,8 +87,9 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                         "replacement": replacement,
                         "action": ("skip: customer not in scope" if not in_scope else
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
-                        "quantityToBuy": _quantity_to_buy(policy, c.subscription.quantity,
-                                                          holders_by_part_numbers(skus, c.offer.sku_part_numbers)),
+                        "quantityToBuy": _quantity_to_buy(policy, c.subscription.quantity, await count_holders(
+                            client, c.customer.id, c.subscription.id, part_numbers=c.offer.sku_part_numbers,
+                            skus=skus) if policy == "license_holders" else None),
                     }
                     rows.append(row)
                 if show_all:
@@ -106,6 +107,9 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+        # --all: the retired offers left alone, with why, in the same columns (action "leave alone: <why>")
+        writer.writerows({"customerId": x["customerId"], "subscriptionId": x["subscriptionId"],
+                          "offerName": x["offerName"], "action": f"leave alone: {x['reason']}"} for x in left)
     else:
         from rich.table import Table
 
@@ -143,7 +147,7 @@ def _quantity_to_buy(policy: str, old_quantity: int, holders: int | None) -> int
 
 
 def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations", *,
-                  would_do: Callable[[MigrationRecord], str] | None = None) -> None:
+                  would_do: Callable[[MigrationRecord], str] | None = None, extra_column: str = "would do") -> None:
     """The records as a table, with the ``<customer>/<subscription>`` id that ``retry`` and ``cancel`` take.
     ``would_do``: a dry run's column saying what going live would do with each record."""
     from rich.table import Table
@@ -152,7 +156,7 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
     columns = ["record (customer/subscription)", "customer", "old offer", "replacement", "qty", "users moved",
                "state", "reason"]
     if would_do is not None:
-        columns.insert(3, "would do")
+        columns.insert(3, extra_column)
     for col in columns:
         # the id column never wraps: it is copied into `retry` / `cancel`
         table.add_column(col, overflow="fold", no_wrap=col.startswith("record"), min_width=73 if col.startswith(
@@ -163,6 +167,60 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
         if would_do is not None:
             row.insert(3, would_do(r))
         table.add_row(*row)
+    _console(out).print(table)
+
+
+_RECORD_CSV_FIELDS = ("record", "customerId", "subscriptionId", "customerName", "offerName", "family", "audience",
+                      "quantity", "replacementOfferId", "newSubscriptionId", "usersMoved", "state", "reasonCode",
+                      "reason", "updatedAt", "retry")
+
+
+def _write_records_csv(records: Sequence[MigrationRecord], out: TextIO) -> None:
+    writer = csv.DictWriter(out, fieldnames=_RECORD_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        stopped = r.state in ("blocked", "failed")
+        writer.writerow({
+            "record": f"{r.customer_id}/{r.subscription_id}", "customerId": r.customer_id,
+            "subscriptionId": r.subscription_id, "customerName": r.customer_name or "", "offerName": r.offer_name or "",
+            "family": r.family or "", "audience": r.audience or "", "quantity": r.quantity,
+            "replacementOfferId": r.replacement_offer_id or "", "newSubscriptionId": r.new_subscription_id or "",
+            "usersMoved": r.users_moved, "state": r.state, "reasonCode": reason_code(r) if stopped else "",
+            "reason": r.reason or "", "updatedAt": r.updated_at or "",
+            "retry": f"python -m d365_migration retry {r.customer_id}/{r.subscription_id}" if stopped else ""})
+
+
+def _print_by_customer(records: Sequence[MigrationRecord], out: TextIO, *, csv_format: bool, json_format: bool
+                       ) -> None:
+    """One row per customer: how many of its records are in each state (and the filter that re-drives them)."""
+    from ._ledger import STATES
+
+    rows: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda x: x.customer_id.lower()):
+        row = rows.setdefault(r.customer_id.lower(), {"customerId": r.customer_id.lower(),
+                                                     "customerName": r.customer_name or "",
+                                                     **{s: 0 for s in STATES}})
+        row[r.state] += 1
+    for row in rows.values():
+        row["retry"] = (f"python -m d365_migration retry --customer {row['customerId']}"
+                        if row["blocked"] or row["failed"] else "")
+    if json_format:
+        json.dump(list(rows.values()), out, indent=2)
+        out.write("\n")
+        return
+    fields = ["customerId", "customerName", *STATES, "retry"]
+    if csv_format:
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows.values())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Migrations per customer ({len(rows)})")
+    for col in fields:
+        table.add_column(col, overflow="fold", no_wrap=col == "customerId")
+    for row in rows.values():
+        table.add_row(*(str(row[f]) for f in fields))
     _console(out).print(table)
 
 
@@ -235,6 +293,43 @@ async def _controls(settings: Settings) -> Any:
 
     async with open_storage(settings) as (ledger, _queues):
         return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+
+
+def reason_code(record: MigrationRecord) -> str:
+    """The code of why a record stopped: its last history event (``purchase_brake``, ``no_replacement``…)."""
+    return str(record.history[-1].get("event", "")) if record.history else ""
+
+
+def _matches(record: MigrationRecord, states: Sequence[str], codes: Sequence[str], customers: Sequence[str]) -> bool:
+    return (record.state in states and (not codes or reason_code(record) in codes)
+            and (not customers or record.customer_id.lower() in customers))
+
+
+async def retry_many(settings: Settings, out: TextIO, *, states: Sequence[str], codes: Sequence[str],
+                     customers: Sequence[str], yes: bool, buy_anyway: bool = False,
+                     confirm: Callable[[str], str] = input) -> int:
+    """Re-drive every stopped record the filters select: show them, ask (unless ``yes``), then re-drive each."""
+    from ._app import open_storage
+    from .steps import redrive
+
+    customers = [c.strip().lower() for c in customers]
+    async with open_storage(settings) as (ledger, queues):
+        selected = [r for r in await ledger.list_records() if _matches(r, states, codes, customers)]
+        if not selected:
+            out.write("no blocked or failed record matches the filters\n")
+            return 0
+        print_records(selected, out, f"To re-drive ({len(selected)})", would_do=reason_code, extra_column="reason code")
+        if not yes:
+            if not sys.stdin.isatty() and confirm is input:
+                print("refused: not a terminal; add --yes to re-drive these records", file=sys.stderr)
+                return 2
+            if confirm(f"Re-drive {len(selected)} record(s)? [y/N] ").strip().lower() not in ("y", "yes"):
+                out.write("nothing re-driven\n")
+                return 1
+        for r in selected:
+            result = await redrive.run(ledger, queues, f"{r.customer_id}/{r.subscription_id}", buy_anyway=buy_anyway)
+            out.write(result.describe() + "\n")
+    return 0
 
 
 async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
@@ -526,9 +621,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="detect once, then serve the queues until none holds a message; exit 1 if "
                                   "detection failed or a record failed or is blocked")
     p.add_argument("--timeout", type=float, default=600.0)
-    sub.add_parser("status", help="the ledger").add_argument("--json", action="store_true")
-    p = sub.add_parser("retry", help="re-drive a failed or blocked record: <subscription> or <customer>/<subscription>")
-    p.add_argument("record")
+    p = sub.add_parser("status", help="the ledger: every record (with the ids retry takes), or per customer")
+    status_fmt = p.add_mutually_exclusive_group()
+    status_fmt.add_argument("--json", action="store_true")
+    status_fmt.add_argument("--csv", action="store_true", help="one row per record (or per customer)")
+    p.add_argument("--by-customer", action="store_true", help="one row per customer: records per state")
+    p.add_argument("--customer", action="append", metavar="CUSTOMER_ID", help="only this customer's records")
+    p = sub.add_parser("retry", help="re-drive failed or blocked records: one (<subscription> or "
+                                     "<customer>/<subscription>) or every one the filters select")
+    p.add_argument("record", nargs="?", help="one record; omit it to use the filters")
+    p.add_argument("--state", action="append", choices=("blocked", "failed"),
+                   help="only records in this state (repeatable; default both)")
+    p.add_argument("--reason-code", action="append", metavar="CODE",
+                   help="only records that stopped with this code, e.g. purchase_brake (see `status`)")
+    p.add_argument("--customer", action="append", metavar="CUSTOMER_ID", help="only this customer's records")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--buy-anyway", action="store_true",
                    help="an untagged subscription of the replacement offer is NOT this migration's: buy anyway")
     p = sub.add_parser("sandbox", help="serve the Partner Center sandbox")
@@ -612,9 +719,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
             asyncio.run(check_storage(settings))
             records = asyncio.run(read_records(settings))
-            if args.json:
+            if args.customer:
+                wanted = {c.strip().lower() for c in args.customer}
+                records = [r for r in records if r.customer_id.lower() in wanted]
+            if args.by_customer:
+                _print_by_customer(records, out, csv_format=args.csv, json_format=args.json)
+            elif args.json:
                 json.dump([{**r.to_entity(), "History": r.history} for r in records], out, indent=2, default=str)
                 out.write("\n")
+            elif args.csv:
+                _write_records_csv(records, out)
             else:
                 print_records(records, out, "Ledger")
             return 0
@@ -625,7 +739,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "rollout":
             return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
-            return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            from ._preflight import check_storage
+
+            asyncio.run(check_storage(settings))
+            if args.record and not (args.state or args.reason_code or args.customer):
+                return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            if args.record:
+                raise ConfigurationError("retry", "give one record or filters, not both",
+                                         "e.g. retry --state blocked --reason-code purchase_brake")
+            if not (args.state or args.reason_code or args.customer):
+                raise ConfigurationError("retry", "which records?",
+                                         "give one record, or filters (--state, --reason-code, --customer)")
+            return asyncio.run(retry_many(settings, out, states=args.state or ("blocked", "failed"),
+                                          codes=args.reason_code or (), customers=args.customer or (),
+                                          yes=args.yes, buy_anyway=args.buy_anyway))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

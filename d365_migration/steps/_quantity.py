@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .._client import PartnerCenterClient
 from .._exceptions import NotFoundError, PartnerCenterApiError
 from .._models import SubscribedSku, Subscription
 from .._settings import is_guid
 from ._work import Work
 
-__all__ = ["POLICY_TEXT", "holders_by_part_numbers", "replacement_quantity"]
+__all__ = ["POLICY_TEXT", "count_holders", "holders_by_part_numbers", "replacement_quantity"]
 
 #: What each policy buys and costs, for ``plan`` and the demo report.
 POLICY_TEXT = {
@@ -59,18 +60,30 @@ async def replacement_quantity(work: Work, old: Subscription) -> tuple[int, str]
 
 async def _holders_of_old_sku(work: Work) -> int | None:
     """Users holding the old subscription's product SKU (``consumedUnits``), or ``None`` when the SKU is unknown."""
-    record, client = work.record, work.client
-    sku_id = record.old_sku_id
+    record = work.record
+    offer = work.deps.catalog.match(record.offer_id, record.offer_name)
+    return await count_holders(work.client, record.customer_id, record.subscription_id,
+                               sku_id=record.old_sku_id, part_numbers=offer.sku_part_numbers if offer else ())
+
+
+async def count_holders(client: PartnerCenterClient, customer_id: str, subscription_id: str, *,
+                        sku_id: str | None = None, part_numbers: Iterable[str] = (),
+                        skus: list[SubscribedSku] | None = None) -> int | None:
+    """Users holding ``subscription_id``'s product SKU (its ``consumedUnits``): the SKU from ``sku_id``, else the
+    subscription's provisioning status, else the catalog's part numbers; ``None`` when it cannot be told.
+
+    :raises PartnerCenterError: a read failed after the client's retries.
+    """
     if not sku_id:
         try:
-            status = await client.get_provisioning_status(record.customer_id, record.subscription_id)
+            status = await client.get_provisioning_status(customer_id, subscription_id)
             sku_id = status.sku_id if status.sku_id and is_guid(status.sku_id) else None
         except (NotFoundError, PartnerCenterApiError) as exc:
             if isinstance(exc, PartnerCenterApiError) and exc.status >= 500:
                 raise
-    skus = await client.list_subscribed_skus(record.customer_id)
+    if skus is None:
+        skus = await client.list_subscribed_skus(customer_id)
     if sku_id:
         match = next((s for s in skus if s.product_sku.id.lower() == sku_id.lower()), None)
         return match.consumed_units if match else None
-    offer = work.deps.catalog.match(record.offer_id, record.offer_name)
-    return holders_by_part_numbers(skus, offer.sku_part_numbers if offer else ())
+    return holders_by_part_numbers(skus, part_numbers)
