@@ -474,8 +474,11 @@ async def _requeue_waiting(ledger: Any, queues: Any) -> int:
     """After a pause, the records that were never bought (``detected``) are sent to the purchase step again. The
     step checks the ledger and Partner Center before it buys, so a record queued twice is bought once."""
     from ._messages import StepMessage
+    from .steps._gate import purchase_under_way
 
-    waiting = await ledger.list_records(states=("detected",))
+    # detected, or purchasing with nothing bought yet (the purchase gate stopped it before a cart or order)
+    waiting = [r for r in await ledger.list_records(states=("detected", "purchasing"))
+               if r.state == "detected" or not purchase_under_way(r)]
     for record in waiting:
         message = StepMessage(step="purchase", customer_id=record.customer_id,
                               subscription_id=record.subscription_id, correlation_id=record.correlation_id)
