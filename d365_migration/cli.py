@@ -24,7 +24,8 @@ from ._exceptions import ConfigurationError, MigrationError
 from ._ledger import MigrationRecord
 from ._settings import Settings
 
-__all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", "main", "print_records", "retry"]
+__all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", "main", "print_records", "reason_code",
+           "retry", "retry_many"]
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 #: Where the developer tooling's commands live (see :func:`_tooling`).
