@@ -197,9 +197,10 @@ def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: l
     console = Console(file=out, width=170)
     if controls is not None:
         console.print(f"Rollout controls (`python -m d365_migration rollout show`): {controls.summary()}; "
-                      f"last changed by {controls.changed_by} at {controls.changed_at}", markup=False)
+                      f"last changed by {controls.changed_by} at {controls.changed_at}", markup=False, soft_wrap=True)
     if policy is not None:
-        console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}", markup=False)
+        console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}", markup=False,
+                      soft_wrap=True)
     table = Table(title=f"Migrations ({len(records)})")
     for col in ("customer", "old offer", "replacement", "qty", "users moved", "state"):
         table.add_column(col, overflow="fold")
