@@ -51,6 +51,11 @@ __all__ = [
 
 logger = logging.getLogger("d365_migration.app")
 
+#: How a detection run whose page failed is re-driven (detection is idempotent: recorded candidates are not doubled).
+NEXT_DETECTION = ("fix the cause, then run detection again: run the detect_expiring function now (Azure portal → "
+                  "the function app → detect_expiring → Test/Run) or wait for DETECT_SCHEDULE; locally "
+                  "`python -m d365_migration run`")
+
 _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MigrationService] = weakref.WeakKeyDictionary()
 # The status page's own ledger per loop: it must not depend on the Partner Center side being buildable.
 _status_ledgers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Settings, MigrationLedger]] = (
@@ -197,8 +202,12 @@ async def run_detect() -> str:
     return get_service().start_scan().to_json()
 
 
-async def run_scan(body: bytes) -> StepOutputs:
-    """One page of a detection run: purchase messages for its candidates, and the next page's message."""
+async def run_scan(body: bytes, *, dequeue_count: int | None = None) -> StepOutputs:
+    """One page of a detection run: purchase messages for its candidates, and the next page's message.
+
+    :raises Exception: whatever the page could not handle; the host retries the message. On its last delivery the
+        failure is logged with the alert markers (``event=message_poisoned``, ``event=needs_attention``) first.
+    """
     try:
         message = ScanMessage.parse(body)
     except InvalidMessageError as exc:
@@ -211,6 +220,14 @@ async def run_scan(body: bytes) -> StepOutputs:
                 _log_cost("scan", costs, f"run={message.run_id} page={message.page}")
     except ValueError as exc:  # a cursor that is not ours
         return _poisoned(exc, SCAN_QUEUE, body)
+    except Exception as exc:
+        if (dequeue_count or 1) >= max_dequeue_count():
+            # The host moves the message to scan-customers-poison after this: the customers of this page (and the
+            # pages after it) are not scanned in this run. Say so where the deployed alerts look.
+            logger.error("event=message_poisoned event=needs_attention kind=scan_page_failed queue=%s run=%s "
+                         "page=%d reason=%r redrive=%r", SCAN_QUEUE, message.run_id, message.page,
+                         f"{type(exc).__name__}: {exc}", NEXT_DETECTION)
+        raise
     outputs = StepOutputs()
     if report.purchase_messages:
         outputs.messages[QUEUE_FOR_STEP["purchase"]] = report.bodies()

@@ -54,6 +54,7 @@ __all__ = [
     "RolloutStore",
     "controls_from_settings",
     "default_actor",
+    "go_live",
     "load_effective_controls",
     "parse_customer_ids",
 ]
@@ -364,3 +365,21 @@ def parse_customer_ids(values: Iterable[str]) -> frozenset[str]:
                 raise RolloutRefused(f"{part!r} is not a customer tenant id (GUID)")
             ids.add(part.lower())
     return frozenset(ids)
+
+
+async def go_live(store: RolloutStore, settings: Settings, *, by: str, reason: str | None = None,
+                  allow: Iterable[str] = (), all_customers: bool = False) -> RolloutControls:
+    """``rollout set --live`` for the customers in ``allow`` or, with ``all_customers``, for every customer: the
+    go-live step the demo, the benchmark and the tests take the way a partner does (audited like any change).
+
+    :raises RolloutRefused: neither customers nor ``all_customers`` were given.
+    :raises LedgerError: storage could not be written.
+    """
+    allowlist = parse_customer_ids(allow)
+
+    def update(c: RolloutControls) -> RolloutControls:
+        if all_customers:
+            return replace(c, live=True, all_customers=True, allowlist=frozenset())
+        return replace(c, live=True, all_customers=False, allowlist=c.allowlist | allowlist)
+
+    return await store.change(update, by=by, action="set", reason=reason, defaults=controls_from_settings(settings))

@@ -53,6 +53,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "REPLACEMENT_OFFERS",
     "REPLACEMENT_BILLING_CYCLE",
     "REPLACEMENT_TERM_DURATION",
+    "REPLACEMENT_QUANTITY_POLICY",
     "DETECT_SCHEDULE",
     "RETIRED_OFFERS_EXTRA",
     "LEDGER_TABLE",
@@ -89,6 +90,11 @@ _CATALOG_ITEM = re.compile(r"^[A-Za-z0-9]{1,40}:[A-Za-z0-9]{1,20}:[A-Za-z0-9]{1,
 _PRODUCT_SKU = re.compile(r"^[A-Za-z0-9]{1,40}:[A-Za-z0-9]{1,20}$")
 
 AuthMode = Literal["app-user", "none"]
+#: How many seats the replacement is bought with (``REPLACEMENT_QUANTITY_POLICY``; see steps/_quantity.py):
+#: ``old_quantity`` — the old subscription's quantity (seats nobody uses are bought again, for the new term);
+#: ``license_holders`` — the number of users holding the old license (never fewer; at least 1).
+QuantityPolicy = Literal["old_quantity", "license_holders"]
+QUANTITY_POLICIES: tuple[QuantityPolicy, ...] = ("old_quantity", "license_holders")
 
 
 def is_guid(value: str) -> bool:
@@ -204,6 +210,7 @@ class Settings:
     replacement_offers: ReplacementOffers = field(default_factory=ReplacementOffers)
     replacement_billing_cycle: str = "monthly"
     replacement_term_duration: str = "P1Y"
+    replacement_quantity_policy: QuantityPolicy = "old_quantity"
     detect_schedule: str = DEFAULT_DETECT_SCHEDULE
     retired_offers_extra: str | None = None
     ledger_table: str = "migrations"
@@ -343,6 +350,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     term = (env.get("REPLACEMENT_TERM_DURATION") or "P1Y").strip().upper()
     if not re.fullmatch(r"P\d+[MY]", term):
         raise ConfigurationError("REPLACEMENT_TERM_DURATION", f"{term!r} is not an ISO 8601 term", "use P1M or P1Y")
+    quantity_policy = (env.get("REPLACEMENT_QUANTITY_POLICY") or "old_quantity").strip().lower().replace("-", "_")
+    if quantity_policy not in QUANTITY_POLICIES:
+        raise ConfigurationError("REPLACEMENT_QUANTITY_POLICY", f"{quantity_policy!r} is not a quantity policy",
+                                 "use old_quantity (the old subscription's quantity) or license_holders (the users "
+                                 "who hold the old license)")
     table = _table_name(env, "LEDGER_TABLE", "migrations")
     budget_table = _table_name(env, "PARTNER_CENTER_BUDGET_TABLE", "partnercenterbudget")
     if budget_table.lower() == table.lower():
@@ -372,6 +384,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         replacement_offers=replacement,
         replacement_billing_cycle=billing_cycle,
         replacement_term_duration=term,
+        replacement_quantity_policy=quantity_policy,  # type: ignore[arg-type]  # checked above
         detect_schedule=(env.get("DETECT_SCHEDULE") or DEFAULT_DETECT_SCHEDULE).strip(),
         retired_offers_extra=env.get("RETIRED_OFFERS_EXTRA") or None,
         ledger_table=table,

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +24,8 @@ from ._exceptions import ConfigurationError, MigrationError
 from ._ledger import MigrationRecord
 from ._settings import Settings
 
-__all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", "main", "print_records", "retry"]
+__all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", "main", "print_records", "reason_code",
+           "retry", "retry_many"]
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 #: Where the developer tooling's commands live (see :func:`_tooling`).
@@ -49,8 +50,10 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     from ._client import PartnerCenterClient
     from ._ledger import utcnow
     from ._scan import scan_all
+    from .steps._quantity import POLICY_TEXT, count_holders
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    policy = settings.replacement_quantity_policy
     rows: list[dict[str, Any]] = []
     left: list[dict[str, Any]] = []
     customers = 0
@@ -70,6 +73,8 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                 progress.update(task, description=f"scanned {customers} customers, {len(rows)} to migrate")
                 if scan.error:
                     errors.append(f"{scan.customer.id}: {scan.error}")
+                skus = (await client.list_subscribed_skus(scan.customer.id)
+                        if scan.candidates and policy == "license_holders" else [])
                 for c in scan.candidates:
                     in_scope = settings.customer_in_scope(c.customer.id)
                     replacement = settings.replacement_offers.lookup(c.offer.family, c.offer.audience)
@@ -83,6 +88,9 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                         "replacement": replacement,
                         "action": ("skip: customer not in scope" if not in_scope else
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
+                        "quantityToBuy": _quantity_to_buy(policy, c.subscription.quantity, await count_holders(
+                            client, c.customer.id, c.subscription.id, part_numbers=c.offer.sku_part_numbers,
+                            skus=skus) if policy == "license_holders" else None),
                     }
                     rows.append(row)
                     if row["action"] == "migrate":
@@ -93,27 +101,34 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         requests = client.stats.requests
     rows.sort(key=lambda r: (r["customerId"], r["subscriptionId"]))
     if fmt == "json":
-        json.dump({"customers": customers, "migrations": rows, "leftAlone": left, "errors": errors,
-                   "requests": requests}, out, indent=2)
+        json.dump({"customers": customers, "quantityPolicy": policy, "quantityPolicyText": POLICY_TEXT[policy],
+                   "migrations": rows, "leftAlone": left, "errors": errors, "requests": requests}, out, indent=2)
         out.write("\n")
     elif fmt == "csv":
         fields = ["customerId", "customerName", "subscriptionId", "offerName", "family", "audience", "channel",
-                  "quantity", "commitmentEndDate", "replacement", "action", "path", "pathReason"]
+                  "quantity", "commitmentEndDate", "replacement", "action", "quantityToBuy", "path", "pathReason"]
         writer = csv.DictWriter(out, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+        # --all: the retired offers left alone, with why, in the same columns (action "leave alone: <why>")
+        writer.writerows({"customerId": x["customerId"], "subscriptionId": x["subscriptionId"],
+                          "offerName": x["offerName"], "action": f"leave alone: {x['reason']}"} for x in left)
     else:
         from rich.table import Table
 
         table = Table(title=f"Migrations planned ({len(rows)} of {customers} customers scanned)")
-        for col in ("customer", "old offer", "audience", "qty", "ends", "replacement", "action", "path", "why"):
+        for col in ("customer", "old offer", "audience", "qty", "to buy", "ends", "replacement", "action", "path",
+                    "why"):
             table.add_column(col, overflow="fold")
         for r in rows:
             table.add_row(r["customerName"] or r["customerId"], r["offerName"], r["audience"], str(r["quantity"]),
-                          r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"], r.get("path", ""),
-                          r.get("pathReason", ""))
+                          str(r["quantityToBuy"]), r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"],
+                          r.get("path", ""), r.get("pathReason", ""))
         console = _console(out)
         console.print(table)
+        console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}; "
+                      f"{sum(r['quantityToBuy'] for r in rows if r['action'] == 'migrate')} seat(s) to buy in total.",
+                      soft_wrap=True, markup=False)
         if left:
             lt = Table(title="Retired offers left alone")
             for col in ("customer", "subscription", "offer", "why"):
@@ -140,19 +155,200 @@ async def _add_path(client: Any, settings: Settings, candidate: Any, row: dict[s
         row["action"] = "block: no native path (MIGRATION_PATH_POLICY=native_only)"
 
 
+def _quantity_to_buy(policy: str, old_quantity: int, holders: int | None) -> int:
+    """What the purchase step would buy now (steps/_quantity.py): holders unknown → the old quantity."""
+    if policy == "license_holders" and holders is not None:
+        return max(1, holders)
+    return old_quantity
+
+
 # ---------------------------------------------------------------------------------------------------- ledger
 
 
-def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations") -> None:
+def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = "Migrations", *,
+                  would_do: Callable[[MigrationRecord], str] | None = None, extra_column: str = "would do") -> None:
+    """The records as a table, with the ``<customer>/<subscription>`` id that ``retry`` and ``cancel`` take.
+    ``would_do``: a dry run's column saying what going live would do with each record."""
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("customer", "old offer", "replacement", "qty", "users moved", "state", "reason"):
-        table.add_column(col, overflow="fold")
+    columns = ["record (customer/subscription)", "customer", "old offer", "replacement", "qty", "users moved",
+               "state", "reason"]
+    if would_do is not None:
+        columns.insert(3, extra_column)
+    for col in columns:
+        # the id column never wraps: it is copied into `retry` / `cancel`
+        table.add_column(col, overflow="fold", no_wrap=col.startswith("record"), min_width=73 if col.startswith(
+            "record") else None)
     for r in records:
-        table.add_row(r.customer_name or r.customer_id, r.offer_name or "", r.replacement_offer_id or "—",
-                      str(r.quantity), str(r.users_moved), r.state, r.reason or "")
+        row = [f"{r.customer_id}/{r.subscription_id}", r.customer_name or "", r.offer_name or "",
+               r.replacement_offer_id or "—", str(r.quantity), str(r.users_moved), r.state, r.reason or ""]
+        if would_do is not None:
+            row.insert(3, would_do(r))
+        table.add_row(*row)
     _console(out).print(table)
+
+
+_RECORD_CSV_FIELDS = ("record", "customerId", "subscriptionId", "customerName", "offerName", "family", "audience",
+                      "quantity", "replacementOfferId", "newSubscriptionId", "usersMoved", "state", "reasonCode",
+                      "reason", "updatedAt", "retry")
+
+
+def _write_records_csv(records: Sequence[MigrationRecord], out: TextIO) -> None:
+    writer = csv.DictWriter(out, fieldnames=_RECORD_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        stopped = r.state in ("blocked", "failed")
+        writer.writerow({
+            "record": f"{r.customer_id}/{r.subscription_id}", "customerId": r.customer_id,
+            "subscriptionId": r.subscription_id, "customerName": r.customer_name or "", "offerName": r.offer_name or "",
+            "family": r.family or "", "audience": r.audience or "", "quantity": r.quantity,
+            "replacementOfferId": r.replacement_offer_id or "", "newSubscriptionId": r.new_subscription_id or "",
+            "usersMoved": r.users_moved, "state": r.state, "reasonCode": reason_code(r) if stopped else "",
+            "reason": r.reason or "", "updatedAt": r.updated_at or "",
+            "retry": f"python -m d365_migration retry {r.customer_id}/{r.subscription_id}" if stopped else ""})
+
+
+def _print_by_customer(records: Sequence[MigrationRecord], out: TextIO, *, csv_format: bool, json_format: bool
+                       ) -> None:
+    """One row per customer: how many of its records are in each state (and the filter that re-drives them)."""
+    from ._ledger import STATES
+
+    rows: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda x: x.customer_id.lower()):
+        row = rows.setdefault(r.customer_id.lower(), {"customerId": r.customer_id.lower(),
+                                                     "customerName": r.customer_name or "",
+                                                     **{s: 0 for s in STATES}})
+        row[r.state] += 1
+    for row in rows.values():
+        row["retry"] = (f"python -m d365_migration retry --customer {row['customerId']}"
+                        if row["blocked"] or row["failed"] else "")
+    if json_format:
+        json.dump(list(rows.values()), out, indent=2)
+        out.write("\n")
+        return
+    fields = ["customerId", "customerName", *STATES, "retry"]
+    if csv_format:
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows.values())
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Migrations per customer ({len(rows)})")
+    for col in fields:
+        table.add_column(col, overflow="fold", no_wrap=col == "customerId")
+    for row in rows.values():
+        table.add_row(*(str(row[f]) for f in fields))
+    _console(out).print(table)
+
+
+def _would_do(settings: Settings) -> Callable[[MigrationRecord], str]:
+    """What going live would do with a record that a dry run left ``detected`` (nothing is called)."""
+    def describe(r: MigrationRecord) -> str:
+        if r.state != "detected":
+            return "—"
+        replacement = settings.replacement_offers.lookup(r.family or "", r.audience or "")
+        if replacement is None:
+            return f"block: no REPLACEMENT_OFFERS entry for {r.family}.{r.audience}"
+        seats = (f"{r.quantity}" if settings.replacement_quantity_policy == "old_quantity"
+                 else f"one per license holder (at most {r.quantity})")
+        return f"buy {replacement} x {seats}, move the users, suspend the old subscription"
+    return describe
+
+
+async def _run(settings: Settings, timeout: float, out: TextIO) -> int:
+    """``run``: detect once and serve the queues until none holds a message; say what happened and what needs a
+    human. Exit 0 only when detection and every record went through (or, in a dry run, were recorded)."""
+    from ._app import read_records
+    from ._preflight import check_partner_center, check_storage
+
+    await check_storage(settings)
+    await check_partner_center(settings)
+
+    def progress(counts: dict[str, int]) -> None:
+        print("progress: " + (", ".join(f"{state}={n}" for state, n in counts.items()) or "no records yet"),
+              file=sys.stderr, flush=True)
+
+    print(f"run: scanning customers at {settings.endpoint}, then serving the queues (Ctrl-C stops)…",
+          file=sys.stderr, flush=True)
+    result = await _tooling().run_pipeline(settings, dict(os.environ), timeout=timeout, progress=progress)
+    host = result["host"]
+    records = await read_records(settings)
+    controls = await _controls(settings)
+    problems: list[str] = []
+    scan = host.functions.get("scan_customers")
+    if scan is not None and scan.poisoned:
+        problems.append(f"detection failed: {scan.poisoned} customer page(s) could not be scanned (see the log "
+                        "and the scan-customers-poison queue); fix the cause and run again")
+    others = host.poisoned - (scan.poisoned if scan is not None else 0)
+    if others:
+        problems.append(f"{others} step message(s) were poisoned (their records are marked failed)")
+    if host.stopped_because == "timeout":
+        problems.append(f"stopped after --timeout {timeout:g}s with messages still queued; run again to continue")
+    if controls.dry_run:
+        print_records(records, out, "Dry run: recorded, nothing bought, moved or suspended",
+                      would_do=_would_do(settings))
+        out.write(f"DRY RUN ({controls.summary()}): {sum(r.state == 'detected' for r in records)} migration(s) "
+                  "recorded. To go live: python -m d365_migration rollout set --live --allow <customer-id> "
+                  "(or --all-customers)\n")
+    else:
+        print_records(records, out)
+        if controls.paused:
+            problems.append(f"the rollout is paused ({controls.pause_reason}): records wait as detected; "
+                            "python -m d365_migration rollout resume")
+    for r in records:
+        if r.state in ("failed", "blocked"):
+            problems.append(f"{r.state}: {r.customer_id}/{r.subscription_id}: {r.reason or ''} — re-drive with "
+                            f"python -m d365_migration retry {r.customer_id}/{r.subscription_id}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+async def _controls(settings: Settings) -> Any:
+    from ._app import open_storage
+    from ._rollout import RolloutStore, load_effective_controls
+
+    async with open_storage(settings) as (ledger, _queues):
+        return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+
+
+def reason_code(record: MigrationRecord) -> str:
+    """The code of why a record stopped: its last history event (``purchase_brake``, ``no_replacement``…)."""
+    return str(record.history[-1].get("event", "")) if record.history else ""
+
+
+def _matches(record: MigrationRecord, states: Sequence[str], codes: Sequence[str], customers: Sequence[str]) -> bool:
+    return (record.state in states and (not codes or reason_code(record) in codes)
+            and (not customers or record.customer_id.lower() in customers))
+
+
+async def retry_many(settings: Settings, out: TextIO, *, states: Sequence[str], codes: Sequence[str],
+                     customers: Sequence[str], yes: bool, buy_anyway: bool = False,
+                     confirm: Callable[[str], str] = input) -> int:
+    """Re-drive every stopped record the filters select: show them, ask (unless ``yes``), then re-drive each."""
+    from ._app import open_storage
+    from .steps import redrive
+
+    customers = [c.strip().lower() for c in customers]
+    async with open_storage(settings) as (ledger, queues):
+        selected = [r for r in await ledger.list_records() if _matches(r, states, codes, customers)]
+        if not selected:
+            out.write("no blocked or failed record matches the filters\n")
+            return 0
+        print_records(selected, out, f"To re-drive ({len(selected)})", would_do=reason_code, extra_column="reason code")
+        if not yes:
+            if not sys.stdin.isatty() and confirm is input:
+                print("refused: not a terminal; add --yes to re-drive these records", file=sys.stderr)
+                return 2
+            if confirm(f"Re-drive {len(selected)} record(s)? [y/N] ").strip().lower() not in ("y", "yes"):
+                out.write("nothing re-driven\n")
+                return 1
+        for r in selected:
+            result = await redrive.run(ledger, queues, f"{r.customer_id}/{r.subscription_id}", buy_anyway=buy_anyway)
+            out.write(result.describe() + "\n")
+    return 0
 
 
 async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
@@ -297,8 +493,11 @@ async def _requeue_waiting(ledger: Any, queues: Any) -> int:
     """After a pause, the records that were never bought (``detected``) are sent to the purchase step again. The
     step checks the ledger and Partner Center before it buys, so a record queued twice is bought once."""
     from ._messages import StepMessage
+    from .steps._gate import purchase_under_way
 
-    waiting = await ledger.list_records(states=("detected",))
+    # detected, or purchasing with nothing bought yet (the purchase gate stopped it before a cart or order)
+    waiting = [r for r in await ledger.list_records(states=("detected", "purchasing"))
+               if r.state == "detected" or not purchase_under_way(r)]
     for record in waiting:
         message = StepMessage(step="purchase", customer_id=record.customer_id,
                               subscription_id=record.subscription_id, correlation_id=record.correlation_id)
@@ -441,11 +640,24 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
     p.add_argument("--all", action="store_true", help="also list retired offers left alone, and why")
-    p = sub.add_parser("run", help="detect once, then serve the queues until every record is final")
+    p = sub.add_parser("run", help="detect once, then serve the queues until none holds a message; exit 1 if "
+                                  "detection failed or a record failed or is blocked")
     p.add_argument("--timeout", type=float, default=600.0)
-    sub.add_parser("status", help="the ledger").add_argument("--json", action="store_true")
-    p = sub.add_parser("retry", help="re-drive a failed or blocked record: <subscription> or <customer>/<subscription>")
-    p.add_argument("record")
+    p = sub.add_parser("status", help="the ledger: every record (with the ids retry takes), or per customer")
+    status_fmt = p.add_mutually_exclusive_group()
+    status_fmt.add_argument("--json", action="store_true")
+    status_fmt.add_argument("--csv", action="store_true", help="one row per record (or per customer)")
+    p.add_argument("--by-customer", action="store_true", help="one row per customer: records per state")
+    p.add_argument("--customer", action="append", metavar="CUSTOMER_ID", help="only this customer's records")
+    p = sub.add_parser("retry", help="re-drive failed or blocked records: one (<subscription> or "
+                                     "<customer>/<subscription>) or every one the filters select")
+    p.add_argument("record", nargs="?", help="one record; omit it to use the filters")
+    p.add_argument("--state", action="append", choices=("blocked", "failed"),
+                   help="only records in this state (repeatable; default both)")
+    p.add_argument("--reason-code", action="append", metavar="CODE",
+                   help="only records that stopped with this code, e.g. purchase_brake (see `status`)")
+    p.add_argument("--customer", action="append", metavar="CUSTOMER_ID", help="only this customer's records")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--buy-anyway", action="store_true",
                    help="an untagged subscription of the replacement offer is NOT this migration's: buy anyway")
     p = sub.add_parser("sandbox", help="serve the Partner Center sandbox")
@@ -523,15 +735,22 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "plan":
             return asyncio.run(_plan(settings, args.fmt or "table", args.all, out))
         if args.command == "run":
-            asyncio.run(_tooling().run_pipeline(settings, dict(os.environ), timeout=args.timeout))
-            records = asyncio.run(read_records(settings))
-            print_records(records, out)
-            return 1 if any(r.state == "failed" for r in records) else 0
+            return asyncio.run(_run(settings, args.timeout, out))
         if args.command == "status":
+            from ._preflight import check_storage
+
+            asyncio.run(check_storage(settings))
             records = asyncio.run(read_records(settings))
-            if args.json:
+            if args.customer:
+                wanted = {c.strip().lower() for c in args.customer}
+                records = [r for r in records if r.customer_id.lower() in wanted]
+            if args.by_customer:
+                _print_by_customer(records, out, csv_format=args.csv, json_format=args.json)
+            elif args.json:
                 json.dump([{**r.to_entity(), "History": r.history} for r in records], out, indent=2, default=str)
                 out.write("\n")
+            elif args.csv:
+                _write_records_csv(records, out)
             else:
                 print_records(records, out, "Ledger")
             return 0
@@ -542,7 +761,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "rollout":
             return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
-            return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            from ._preflight import check_storage
+
+            asyncio.run(check_storage(settings))
+            if args.record and not (args.state or args.reason_code or args.customer):
+                return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            if args.record:
+                raise ConfigurationError("retry", "give one record or filters, not both",
+                                         "e.g. retry --state blocked --reason-code purchase_brake")
+            if not (args.state or args.reason_code or args.customer):
+                raise ConfigurationError("retry", "which records?",
+                                         "give one record, or filters (--state, --reason-code, --customer)")
+            return asyncio.run(retry_many(settings, out, states=args.state or ("blocked", "failed"),
+                                          codes=args.reason_code or (), customers=args.customer or (),
+                                          yes=args.yes, buy_anyway=args.buy_anyway))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -195,6 +195,19 @@ def _step_costs(log_files: list[Path]) -> tuple[dict[str, dict[str, Counter[str]
     return per, scan, pages
 
 
+def _go_live_for_every_customer(connection_string: str) -> None:
+    """``rollout set --live --all-customers``: DRY_RUN=false alone does not make the app spend (issue 11)."""
+    from d365_migration._ledger import MigrationLedger
+    from d365_migration._rollout import RolloutStore, go_live
+    from d365_migration._settings import Settings
+
+    ledger = MigrationLedger.from_connection_string(connection_string)
+    try:
+        asyncio.run(go_live(RolloutStore(ledger.table_client), Settings(), by="bench", all_customers=True))
+    finally:
+        ledger.close()
+
+
 def run_fleet(customers: int, latency_ms: int, commerce_limit: int, license_limit: int, workers: int,
               seconds: float, kill_at: float, invocation_budget: int) -> dict[str, Any]:
     import signal
@@ -215,6 +228,7 @@ def run_fleet(customers: int, latency_ms: int, commerce_limit: int, license_limi
                "MAX_PURCHASES_PER_RUN": "100000", "INVOCATION_BUDGET_SECONDS": str(invocation_budget),
                "PARTNER_CENTER_REQUESTS_PER_MINUTE": str(commerce_limit),
                "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": str(license_limit)}
+        _go_live_for_every_customer(azurite.connection_string)
         procs: list[subprocess.Popen[str]] = []
         log_files = []
         started = time.time()

@@ -19,24 +19,29 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from d365_migration._app import open_storage, read_records
 from d365_migration._exceptions import ConfigurationError
-from d365_migration._ledger import FINAL_STATES, MigrationRecord
+from d365_migration._ledger import MigrationRecord
+from d365_migration._rollout import RolloutControls, RolloutStore, go_live, load_effective_controls
 from d365_migration._settings import Settings
 from d365_migration.steps import redrive
+from d365_migration.steps._quantity import POLICY_TEXT
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 
 
 async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: float,
-                       host_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fire the timer once, then serve the queues on the local host until every record is final (or the timeout)."""
+                       host_overrides: dict[str, Any] | None = None,
+                       progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+    """Fire the timer once, then serve the queues on the local host until no message is left on any of them (the
+    run's own scan included, in a dry run too), or the timeout. ``progress`` gets the records per state whenever
+    they change (read every couple of seconds)."""
     from .localhost import LocalHost
 
     if not settings.storage_connection:
@@ -48,14 +53,19 @@ async def run_pipeline(settings: Settings, env: dict[str, str], *, timeout: floa
     async with LocalHost(APP_ROOT, connection_string=settings.storage_connection, env=env,
                          host_overrides=overrides) as host:
         await host.fire_timer("detect_expiring")
-        if settings.dry_run:
-            report = None
-        else:
-            async def done() -> bool:
-                records = await read_records(settings)
-                return bool(records) and all(r.state in FINAL_STATES for r in records)
+        last: dict[str, Any] = {"at": 0.0, "counts": None}
 
-            report = await host.run(until=done, timeout=timeout, idle_seconds=3.0)
+        async def report_progress() -> bool:
+            # Never stops the run: it ends when every queue is empty (the scan's pages, then every record's steps).
+            if progress is not None and time.monotonic() - last["at"] >= 2.0:
+                last["at"] = time.monotonic()
+                counts = dict(sorted(Counter(r.state for r in await read_records(settings)).items()))
+                if counts != last["counts"]:
+                    last["counts"] = counts
+                    progress(counts)
+            return False
+
+        report = await host.run(until=report_progress, timeout=timeout, idle_seconds=3.0)
     return {"host": report}
 
 
@@ -168,12 +178,30 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
     return problems
 
 
+async def _go_live(settings: Settings) -> RolloutControls:
+    async with open_storage(settings) as (ledger, _queues):
+        return await go_live(RolloutStore(ledger.table_client), settings, by="demo", all_customers=True,
+                             reason="make demo: every seeded customer")
+
+
+async def _controls(settings: Settings) -> RolloutControls:
+    async with open_storage(settings) as (ledger, _queues):
+        return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+
+
 def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: list[tuple[str, str, str]],
-                  problems: list[str], elapsed: float) -> None:
+                  problems: list[str], elapsed: float, *, controls: RolloutControls | None = None,
+                  policy: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(file=out, width=170)
+    if controls is not None:
+        console.print(f"Rollout controls (`python -m d365_migration rollout show`): {controls.summary()}; "
+                      f"last changed by {controls.changed_by} at {controls.changed_at}", markup=False, soft_wrap=True)
+    if policy is not None:
+        console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}", markup=False,
+                      soft_wrap=True)
     table = Table(title=f"Migrations ({len(records)})")
     for col in ("customer", "old offer", "replacement", "qty", "users moved", "state"):
         table.add_column(col, overflow="fold")
@@ -227,6 +255,10 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
         os.environ.update(env)
         try:
             settings = Settings.from_env()
+            # Going live the documented way: DRY_RUN=false alone never makes the app spend for every customer.
+            controls = asyncio.run(_go_live(settings))
+            out.write("Went live the way a partner does: `python -m d365_migration rollout set --live "
+                      f"--all-customers` → {controls.summary()}\n")
             out.write(f"Sandbox at {sandbox.url}; Azurite on 127.0.0.1. Running detect → purchase → reassign → "
                       "suspend through the local host…\n")
             asyncio.run(run_pipeline(settings, env, timeout=timeout))
@@ -245,7 +277,8 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
             problems = verify_world(state, manifest, records, initial)
             left = [(d.customer_id, d.offer_name, d.reason) for d in manifest.distractors]
             out.write("\n")
-            _print_report(out, records, left, problems, time.monotonic() - started)
+            _print_report(out, records, left, problems, time.monotonic() - started,
+                          controls=asyncio.run(_controls(settings)), policy=settings.replacement_quantity_policy)
         finally:
             for k, v in previous.items():
                 if v is None:

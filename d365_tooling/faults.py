@@ -49,6 +49,7 @@ from d365_migration._ledger import FINAL_STATES, MigrationLedger, MigrationRecor
 from d365_migration._messages import StepMessage
 from d365_migration.steps import Work, observe_steps
 from d365_tooling.demo import verify_world
+from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.localhost import LocalHost
 from d365_tooling.localhost.azurite import wipe_account
 from d365_tooling.sandbox import (
@@ -537,6 +538,8 @@ async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
         env = base_env(server.url, scenario)
         if allow:
             env["CUSTOMER_ALLOWLIST"] = ",".join(allow)
+        else:
+            await asyncio.to_thread(go_live_for_every_customer, connection_string, table=LEDGER_TABLE)
         if scenario.legacy_orders:
             env["REPLACEMENT_OFFERS"] = json.dumps(LEGACY_REPLACEMENT_OFFERS)
         overrides = FAST_HOST | scenario.host_overrides

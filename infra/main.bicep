@@ -73,6 +73,13 @@ param replacementBillingCycle string = 'monthly'
 @description('REPLACEMENT_TERM_DURATION (ISO 8601), e.g. P1M or P1Y.')
 param replacementTermDuration string = 'P1Y'
 
+@description('REPLACEMENT_QUANTITY_POLICY: old_quantity (buy the old subscription\'s quantity) or license_holders (buy one seat per user holding the old license).')
+@allowed([
+  'old_quantity'
+  'license_holders'
+])
+param replacementQuantityPolicy string = 'old_quantity'
+
 @description('DETECT_SCHEDULE: NCRONTAB (six fields) for the detect_expiring timer. Always UTC on Flex Consumption.')
 param detectSchedule string = '0 0 6 * * *'
 
@@ -234,6 +241,7 @@ module api 'app/api.bicep' = {
     replacementOffers: replacementOffers
     replacementBillingCycle: replacementBillingCycle
     replacementTermDuration: replacementTermDuration
+    replacementQuantityPolicy: replacementQuantityPolicy
     detectSchedule: detectSchedule
     expiryWindowDays: expiryWindowDays
     retiredOffersExtra: retiredOffersExtra

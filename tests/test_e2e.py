@@ -16,6 +16,7 @@ from d365_migration import Settings
 from d365_migration._app import read_records
 from d365_migration.cli import main
 from d365_tooling.demo import run_pipeline, verify_world
+from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
@@ -41,6 +42,8 @@ def world() -> Iterator[tuple[SandboxServer, Any, dict[str, str]]]:
 
 
 def _env(server: SandboxServer, storage: str, offers: dict[str, Any], **extra: str) -> dict[str, str]:
+    if extra.get("DRY_RUN", "false") == "false":
+        go_live_for_every_customer(storage)
     return {"PARTNER_CENTER_ENDPOINT": server.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "false",
             "REPLACEMENT_OFFERS": json.dumps(offers), "AzureWebJobsStorage": storage,
             "PROVISIONING_POLL_SECONDS": "1", "DETECT_SCHEDULE": "0 0 6 * * *",

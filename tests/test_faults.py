@@ -22,6 +22,7 @@ from d365_migration.steps import Work, observe_steps
 from d365_tooling.faults import (
     EXTRA_KINDS,
     KINDS,
+    LEDGER_TABLE,
     RunResult,
     Scenario,
     base_env,
@@ -30,6 +31,7 @@ from d365_tooling.faults import (
     format_table,
     run_scenario,
 )
+from d365_tooling.golive import go_live_for_every_customer
 from tests.steps._world import detect
 
 
@@ -126,6 +128,7 @@ async def test_a_duplicate_delivery_in_the_same_process_does_not_fail_the_record
     env = {**base_env(server.url, Scenario("bug", 0)), "AzureWebJobsStorage": storage}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    go_live_for_every_customer(storage, table=LEDGER_TABLE)
     service = _app.get_service()
     report = await detect(service)
     purchase = report.purchase_messages[0]

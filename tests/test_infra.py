@@ -84,11 +84,12 @@ EXPECTED_DEFAULTS: dict[str, tuple[str, str | None]] = {
     "INVOCATION_BUDGET_SECONDS": ("480", "invocation_budget_seconds"),
     "REPLACEMENT_BILLING_CYCLE": ("monthly", "replacement_billing_cycle"),
     "REPLACEMENT_TERM_DURATION": ("P1Y", "replacement_term_duration"),
+    "REPLACEMENT_QUANTITY_POLICY": ("old_quantity", "replacement_quantity_policy"),
     "RETIRED_OFFERS_EXTRA": ("", None),
     "PARTNER_CENTER_TENANT_ID": ("", None),
     "PARTNER_CENTER_CLIENT_ID": ("", None),
 }
-ALERT_EVENTS = ("message_poisoned", "record_failed", "refresh_token_expiring", "auth_failed")
+ALERT_EVENTS = ("message_poisoned", "record_failed", "refresh_token_expiring", "auth_failed", "needs_attention")
 FUNCTION_FOLDERS = ("detect_expiring", "purchase_new", "reassign_licenses", "suspend_old", "scan_customers", "status")
 
 

@@ -26,6 +26,7 @@ import d365_migration._app as app_module
 from d365_migration import Settings, build_service, run_step
 from d365_migration._ledger import MigrationLedger, MigrationRecord, correlation_id_for
 from d365_migration.cli import main
+from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.localhost import LocalHost
 from d365_tooling.sandbox import (
     DEMO_REPLACEMENT_OFFERS,
@@ -71,6 +72,8 @@ def env_for(url: str, storage: str, **overrides: str) -> dict[str, str]:
         "PROVISIONING_POLL_SECONDS": "1", "DETECT_SCHEDULE": "0 0 6 * * *",
     }
     env.update(overrides)
+    if env["DRY_RUN"] == "false" and not env.get("CUSTOMER_ALLOWLIST"):
+        go_live_for_every_customer(storage)
     return env
 
 

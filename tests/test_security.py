@@ -22,6 +22,7 @@ from azure.storage.queue import QueueServiceClient, TextBase64DecodePolicy
 
 from d365_migration import ConfigurationError, PartnerCenterClient, Settings, build_service, load_settings
 from d365_migration._ledger import MigrationLedger
+from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.localhost import LocalHost
 from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, RETIRED_OFFERS, SandboxConfig, SandboxServer, SandboxState
 from tests._fake_entra import FakeEntra
@@ -112,6 +113,7 @@ async def test_app_user_chain_never_logs_or_raises_a_secret(storage: str, everyt
             "PROVISIONING_POLL_SECONDS": "1", "DETECT_SCHEDULE": "0 0 6 * * *",
             "PARTNER_CENTER_REQUESTS_PER_MINUTE": "100000", "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": "100000",
         }
+        go_live_for_every_customer(storage)
         async with LocalHost(REPO, connection_string=storage, env=env,
                              host_overrides={"visibilityTimeout": 0.2, "maxPollingInterval": 0.2}) as host:
             await host.fire_timer("detect_expiring")

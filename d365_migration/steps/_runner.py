@@ -1,10 +1,10 @@
 """The runner around every record step: the same frame for purchase, reassign and suspend.
 
-In order: set the correlation id; load the record (none → the message is invalid); DRY_RUN → do nothing; a final
-record → nothing to do; claim the record (busy → look again later); run the step on a :class:`Work`; release the
-claim. :class:`RetryLater` and a conflicting change both become the same message re-queued with a delay. On the
-message's last allowed delivery an unexpected error marks the record ``failed`` with the error before the host moves
-the message to the poison queue, so the ledger always says why.
+In order: set the correlation id; load the record (none → the message is invalid); the stored rollout controls say
+dry run → do nothing (``_gate``); a final record → nothing to do; claim the record (busy → look again later); run the
+step on a :class:`Work`; release the claim. :class:`RetryLater` and a conflicting change both become the same message
+re-queued with a delay. On the message's last allowed delivery an unexpected error marks the record ``failed`` with
+the error before the host moves the message to the poison queue, so the ledger always says why.
 
 Observers (:func:`observe_steps`) are the one public seam into a running step: each one's ``around_step(work)``
 async context manager is entered after the claim and exited after the step body, in the invocation's context. The
@@ -26,6 +26,7 @@ from .._context import current_correlation_id
 from .._exceptions import AccessDeniedError, ConcurrencyConflict, InvalidMessageError, LookAgainLater
 from .._ledger import MigrationRecord
 from .._messages import StepMessage
+from ._gate import load_controls
 from ._policy import FAIL_ATTEMPTS, LEASE, busy_delay_seconds
 from ._work import Deps, RetryLater, StepResult, Work, log_record, save_transition
 
@@ -121,8 +122,11 @@ class StepRunner:
         deps = self.deps
         current_correlation_id.set(message.correlation_id)
         record = await self._load(message)
-        if deps.settings.dry_run:
-            log_record(record, logging.WARNING, "DRY_RUN is true: the %s step does nothing", message.step)
+        # The stored rollout controls decide (a re-deploy's DRY_RUN does not); read on every message so a change
+        # applies at once. A read that fails raises: nothing is done, the message is retried.
+        controls = await load_controls(deps)
+        if controls.dry_run:
+            log_record(record, logging.WARNING, "the rollout is in dry run: the %s step does nothing", message.step)
             return StepResult(record=record, note="dry run")
         if record.is_final:
             log_record(record, logging.INFO, "already %s; nothing to do", record.state)

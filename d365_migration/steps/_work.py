@@ -75,7 +75,12 @@ async def save_transition(deps: Deps, record: MigrationRecord, state: str, event
     """
     updated = await deps.ledger.save(record.transition(state, event, detail, at=deps.now(), **changes))
     level = logging.WARNING if state in ("blocked", "failed") else logging.INFO
-    marker = {"failed": "event=record_failed ", "blocked": "event=record_blocked "}.get(state, "")
+    marker = {"failed": "event=record_failed ", "blocked": "event=record_blocked event=needs_attention "}.get(state, "")
+    if state == "blocked":
+        # A block can come after the purchase: the customer pays for old and new until someone looks.
+        log_record(updated, level, "%sstate=%s step_event=%s reason=%r redrive=%r", marker, state, event, detail or "",
+                   f"python -m d365_migration retry {updated.customer_id}/{updated.subscription_id}")
+        return updated
     log_record(updated, level, "%sstate=%s step_event=%s %s", marker, state, event, detail or "")
     return updated
 

@@ -3,8 +3,9 @@
 A detection run is started by the timer (:func:`start_run`) and scanned one customer page per invocation
 (:func:`scan_page`): the next page is queued as soon as its cursor is known, each candidate is recorded in the ledger
 (:func:`admit`, idempotent), and purchase messages go out for records still ``detected`` — at most
-``MAX_PURCHASES_PER_RUN`` per run; the rest are parked ``blocked`` for an operator (:func:`brake`). With DRY_RUN on,
-candidates are recorded and nothing is queued.
+the purchase brake per run; the rest are parked ``blocked`` for an operator (:func:`brake`). The stored rollout
+controls (``_gate``) decide: customers outside their scope are left alone, and in a dry run or while paused candidates
+are recorded and nothing is queued (a paused run logs ``event=rollout_paused``; ``rollout resume`` queues them).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from .._client import PageRequest
 from .._exceptions import ConcurrencyConflict
 from .._ledger import MigrationRecord
 from .._messages import SCAN_QUEUE, ScanMessage, StepMessage
+from .._rollout import RolloutControls
 from .._scan import Candidate, CustomerScan, LeftAlone
 from .._scan import scan_page as scan_customers
+from ._gate import RESUME_COMMAND, customer_in_scope, load_controls
 from ._policy import LEASE, SCAN_PAGE_BUDGET_SHARE, SCAN_PAGE_MAX, SCAN_PAGE_MIN
 from ._routes import message_for
 from ._work import Deps, log_record, save_transition
@@ -87,13 +90,19 @@ async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
         # one reads its customers' subscriptions. Each page's marker keeps a redelivery from scanning twice.
         await deps.queues.send(SCAN_QUEUE, following.to_json())
 
+    controls = await load_controls(deps)  # read before anything is queued; a failed read retries the page
     scans = await scan_customers(client, customers, deps.catalog, now=deps.now(),
                                  window_days=settings.expiry_window_days, concurrency=settings.max_concurrency)
     waiting: list[MigrationRecord] = []
     for scan in scans:
-        waiting += await admit(deps, scan, report)
-    granted = await ledger.reserve_purchases(message.run_id, len(waiting), settings.max_purchases_per_run)
-    await brake(deps, waiting, granted, report)
+        waiting += await admit(deps, scan, report, controls=controls)
+    if waiting and controls.paused:
+        logger.warning("event=rollout_paused event=needs_attention run=%s page=%d waiting=%d reason=%r nothing "
+                       "queued; the records stay detected. redrive=%r", message.run_id, message.page, len(waiting),
+                       controls.pause_reason or "no reason given", RESUME_COMMAND)
+        waiting = []
+    granted = await ledger.reserve_purchases(message.run_id, len(waiting), controls.max_purchases_per_run)
+    await brake(deps, waiting, granted, report, limit=controls.max_purchases_per_run)
 
     await ledger.complete_scan_page(message.run_id, message.page,
                                     next_cursor=json.dumps(next_page.to_json()) if next_page else None,
@@ -105,8 +114,15 @@ async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
     return report
 
 
-async def admit(deps: Deps, scan: CustomerScan, report: DetectReport) -> list[MigrationRecord]:
-    """Record one customer's candidates (idempotently); return the records waiting for a purchase message."""
+async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *,
+                controls: RolloutControls | None = None) -> list[MigrationRecord]:
+    """Record one customer's candidates (idempotently); return the records waiting for a purchase message (none in a
+    dry run). ``controls``: the rollout controls in force (read from storage when not given).
+
+    :raises LedgerError: the controls or the ledger could not be read.
+    """
+    if controls is None:
+        controls = await load_controls(deps)
     report.customers += 1
     if scan.error:
         report.errors.append(f"customer {scan.customer.id}: {scan.error}")
@@ -114,11 +130,12 @@ async def admit(deps: Deps, scan: CustomerScan, report: DetectReport) -> list[Mi
     report.left_alone.extend(scan.left_alone)
     waiting: list[MigrationRecord] = []
     for candidate in scan.candidates:
-        if not deps.settings.customer_in_scope(candidate.customer.id):
+        if not customer_in_scope(controls, candidate.customer.id):
             report.out_of_scope += 1
             report.left_alone.append(LeftAlone(candidate.customer.id, candidate.subscription.id,
                                                candidate.subscription.offer_name,
-                                               "customer excluded by CUSTOMER_ALLOWLIST/CUSTOMER_DENYLIST"))
+                                               "customer excluded by the rollout's allow-list (`rollout set --allow`;"
+                                               " first deploy: CUSTOMER_ALLOWLIST) or CUSTOMER_DENYLIST"))
             continue
         report.candidates.append(candidate)
         record, created = await deps.ledger.create_if_absent(_new_record(candidate))
@@ -126,22 +143,25 @@ async def admit(deps: Deps, scan: CustomerScan, report: DetectReport) -> list[Mi
         if created:
             log_record(record, logging.INFO, "event=detected offer=%r quantity=%d ends=%s",
                        record.offer_name, record.quantity, record.commitment_end)
-        if not deps.settings.dry_run and record.state == "detected":
+        if controls.live and record.state == "detected":
             waiting.append(record)
     return waiting
 
 
-async def brake(deps: Deps, waiting: list[MigrationRecord], granted: int, report: DetectReport) -> None:
-    """Queue the purchases this run may still make; park the rest ``blocked`` until an operator re-drives them."""
+async def brake(deps: Deps, waiting: list[MigrationRecord], granted: int, report: DetectReport, *,
+                limit: int | None = None) -> None:
+    """Queue the purchases this run may still make; park the rest ``blocked`` until an operator re-drives them.
+    ``limit`` is the purchase brake in force (for the reason text; default ``MAX_PURCHASES_PER_RUN``)."""
+    limit = deps.settings.max_purchases_per_run if limit is None else limit
     for i, record in enumerate(waiting):
         message = message_for(record)
         if i < granted and message is not None:
             report.purchase_messages.append(message)
             continue
         report.braked += 1
-        reason = (f"safety brake: this run already queued MAX_PURCHASES_PER_RUN="
-                  f"{deps.settings.max_purchases_per_run} purchases; review, then re-drive with "
-                  "`python -m d365_migration retry` or raise the limit")
+        reason = (f"safety brake: this run already queued MAX_PURCHASES_PER_RUN={limit} purchases (the rollout's "
+                  "purchase brake); review, then re-drive with `python -m d365_migration retry` or raise the limit "
+                  "with `rollout set --max-purchases N`")
         try:
             await save_transition(deps, record, "blocked", "purchase_brake", reason)
         except ConcurrencyConflict:

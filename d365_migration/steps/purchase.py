@@ -29,8 +29,10 @@ from .._exceptions import (
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
 from .._settings import ReplacementTarget
+from ._gate import purchase_allowed
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
 from ._preflight import preflight
+from ._quantity import replacement_quantity
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
@@ -58,6 +60,9 @@ async def run(work: Work) -> StepResult:
             f"no REPLACEMENT_OFFERS entry for {record.family}.{record.audience}; add one, then "
             "`python -m d365_migration retry`")
         return work.stop("blocked")
+
+    if not await purchase_allowed(work):  # paused, dry run or out of scope: nothing bought, the record waits
+        return work.stop("rollout paused")
 
     listed: list[Subscription] | None = None
     if record.state == "detected":
@@ -126,10 +131,11 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
             "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
             "`retry --buy-anyway`")
         return None
-    if not await preflight(work, quantity=old.quantity or record.quantity):
+    quantity, how = await replacement_quantity(work, old)
+    if not await preflight(work, quantity=quantity):
         return None
-    await work.transition("purchasing", "purchase_started", f"buying {replacement} x{old.quantity}",
-                          replacement_offer_id=replacement, quantity=old.quantity or record.quantity,
+    await work.transition("purchasing", "purchase_started", f"buying {replacement} x{quantity}: {how}",
+                          replacement_offer_id=replacement, quantity=quantity,
                           purchase_started_at=work.now().isoformat(), reseller_partner_id=old.partner_id or None)
     return listed
 

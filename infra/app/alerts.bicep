@@ -31,6 +31,14 @@ var alertDefinitions = [
     muteActionsDuration: 'PT1H'
   }
   {
+    suffix: 'needs-attention'
+    displayName: 'd365-migration: a migration needs a human'
+    description: 'A record is blocked (possibly after the purchase: the customer pays for old and new until someone looks), a detection page failed for good, or the rollout is paused with purchases waiting. The log line carries the reason and the re-drive command (redrive=...).'
+    query: 'traces | where message has "event=needs_attention"'
+    severity: 2
+    muteActionsDuration: 'PT1H'
+  }
+  {
     suffix: 'refresh-token-expiring'
     displayName: 'd365-migration: Partner Center refresh token close to expiry'
     description: 'The stored Partner Center refresh token is close to its 90-day expiry. Run `python -m d365_migration consent` again.'

@@ -42,6 +42,7 @@ param partnerCenterAuthority string
 param replacementOffers string
 param replacementBillingCycle string
 param replacementTermDuration string
+param replacementQuantityPolicy string
 param detectSchedule string
 param expiryWindowDays int
 param retiredOffersExtra string
@@ -161,6 +162,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     REPLACEMENT_OFFERS: replacementOffers
     REPLACEMENT_BILLING_CYCLE: replacementBillingCycle
     REPLACEMENT_TERM_DURATION: replacementTermDuration
+    REPLACEMENT_QUANTITY_POLICY: replacementQuantityPolicy
     RETIRED_OFFERS_EXTRA: retiredOffersExtra
     CUSTOMER_DENYLIST: customerDenylist
     LEDGER_TABLE: ledgerTableName

@@ -22,6 +22,7 @@ from azure.storage.queue import QueueClient, TextBase64DecodePolicy
 from d365_migration import MigrationService, Settings, StepMessage, build_service
 from d365_migration._ledger import correlation_id_for
 from d365_migration._messages import SCAN_QUEUE, ScanMessage
+from d365_migration._rollout import RolloutStore, go_live
 from d365_migration.steps import DetectReport
 from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS as DEMO_REPLACEMENT_OFFERS
 from d365_tooling.sandbox import RETIRED_OFFERS, SandboxState, sku_for_offer
@@ -102,7 +103,11 @@ class Clock:
 @contextlib.asynccontextmanager
 async def service(url: str, storage: str, *, clock: Callable[[], datetime] | None = None,
                   **overrides: str) -> AsyncIterator[MigrationService]:
-    svc = build_service(Settings.from_env(env_for(url, storage, **overrides)), max_attempts=2, backoff_base=0.01)
+    settings = Settings.from_env(env_for(url, storage, **overrides))
+    svc = build_service(settings, max_attempts=2, backoff_base=0.01)
+    if not settings.dry_run and not settings.customer_allowlist:
+        # DRY_RUN=false alone no longer goes live (issue 11): go live for every customer the way a partner does.
+        await go_live(RolloutStore(svc.ledger.table_client), settings, by="tests", all_customers=True)
     if clock is not None:
         svc = MigrationService(svc.settings, svc.client, svc.ledger, svc.queues, svc.deps.catalog, clock=clock)
     try:
