@@ -22,6 +22,7 @@ from .._client import deterministic_request_id
 from .._exceptions import ConflictError, NotFoundError, PartnerCenterApiError
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
+from . import native
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
@@ -38,6 +39,8 @@ async def run(work: Work) -> StepResult:
     record = work.record
     if record.state not in states_owned_by("purchase"):
         return work.hand_over("already purchased")
+    if record.state in native.NATIVE_STATES:  # Partner Center's own move replaces the purchase (steps/native.py)
+        return await native.run(work)
 
     replacement = work.settings.replacement_offers.lookup(record.family or "", record.audience or "")
     if replacement is None:
@@ -49,6 +52,9 @@ async def run(work: Work) -> StepResult:
 
     listed: list[Subscription] | None = None
     if record.state == "detected":
+        routed = await native.route(work)  # MIGRATION_PATH_POLICY: a native path instead of buying?
+        if routed is not None:
+            return routed
         listed = await _check_still_qualifies(work, replacement)
         if listed is None:
             return work.stop("blocked")
