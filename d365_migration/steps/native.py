@@ -21,8 +21,9 @@ them here). Read top to bottom, for one record:
    injected clock from ``native_attempted_at`` up to ``PROVISIONING_TIMEOUT_MINUTES``; then ``blocked``.
 5. **Verify**: every former holder of the old SKU has the new SKU and not the old one. A user who does not
    (``licenseErrors``, a failed ``SeatReassignment``) → ``blocked`` naming the users; the old subscription is left
-   as it is (never suspended while a user lacks the product). All moved → ``reassigned``, and the suspension step
-   re-checks and suspends the old subscription if Partner Center left it active (or records it already suspended).
+   as it is (never suspended while a user lacks the product). All moved → ``purchased`` with both SKUs recorded: the
+   license step finds nobody left on the old SKU, and the suspension step re-checks and suspends the old
+   subscription if Partner Center left it active (or records it already suspended).
 
 Learn: partner-center/developer/transition-a-new-commerce-subscription, get-transitions, transition-resources,
 transition-a-subscription, upgrade-resources; MS-RequestId rule: partner-center/developer/headers.
@@ -61,11 +62,18 @@ def _target(work: Work) -> ReplacementTarget | None:
 
 
 async def route(work: Work) -> StepResult | None:
-    """Before the purchase step buys (record ``detected``): the native step's result when the record goes the
-    native way or is blocked by ``native_only``; ``None`` when the runbook should buy.
+    """Called by the purchase step before it would buy (record ``detected``) and for a record on the native path:
+    the native step's result when the record goes (or went) the native way or is blocked; ``None`` when the runbook
+    buys — also after a refused native move fell back to it, in the same invocation (the purchase queue's function
+    has no output binding to its own queue).
 
+    :raises RetryLater: the native move is in progress, or its answer was lost.
     :raises PartnerCenterError: reading the old subscription failed (eligibility failures count as "no path")."""
     record = work.record
+    if record.state in NATIVE_STATES:
+        return await run(work)
+    if record.state != "detected":
+        return None
     policy = parse_path_policy(work.settings.migration_path_policy)
     target = _target(work)
     if policy == "runbook_only" or record.migration_path == "runbook" or target is None:
@@ -86,21 +94,21 @@ async def route(work: Work) -> StepResult | None:
                           migration_path=choice.kind, native_target=native_target,
                           quantity=old.quantity or record.quantity,
                           replacement_offer_id=native_target, purchase_started_at=work.now().isoformat())
-    return work.hand_over("native path chosen")  # the move itself runs in its own invocation, from the ledger
+    return await run(work)
 
 
-async def run(work: Work) -> StepResult:
-    """The native step for a record in ``native_pending`` / ``native_moving``.
+async def run(work: Work) -> StepResult | None:
+    """The native step for a record in ``native_pending`` / ``native_moving``; ``None`` when a refused move fell
+    back to the runbook (the caller, the purchase step, buys).
 
     :raises RetryLater: the move is still in progress, or an answer was lost and is looked for again.
     :raises PartnerCenterError: a call failed after the client's retries (the message is retried)."""
-    record = work.record
-    if record.state == "native_pending":
-        result = await _act_once(work)
-        if result is not None:
-            return result
+    if work.record.state == "native_pending":
+        await _act_once(work)
+    if work.record.state == "detected":
+        return None
     if work.record.state != "native_moving":
-        return work.hand_over(f"record is {work.record.state}")
+        return work.stop(work.record.state)
     return await _wait_and_verify(work)
 
 
@@ -113,12 +121,12 @@ def _attempt(work: Work) -> RequestAttempt:
                           record.native_attempt)
 
 
-async def _act_once(work: Work) -> StepResult | None:
+async def _act_once(work: Work) -> None:
     record = work.record
     if record.native_attempted_at:
         # An earlier attempt got no answer we saw: find out what it did before ever sending again.
         if await _recover(work):
-            return None
+            return
         work.log(logging.INFO, "event=native_resend nothing found after a lost answer; same MS-RequestId %s",
                  record.native_request_id)
     else:
@@ -131,17 +139,17 @@ async def _act_once(work: Work) -> StepResult | None:
                               native_request_id=_attempt(work).request_id, old_sku_id=old_sku)
     try:
         if work.record.migration_path == "native_upgrade":
-            return await _send_upgrade(work)
-        return await _send_transition(work)
+            await _send_upgrade(work)
+        else:
+            await _send_transition(work)
     except (ResponseLostError, UncertainWriteError) as exc:
         raise RetryLater(f"native move's answer lost ({type(exc).__name__}); reading its state next",
                          delay=LOST_ANSWER_DELAY_SECONDS) from None
     except ClientError as exc:
         await _rejected(work, f"HTTP {exc.status} {exc.code or ''}: {exc.description}".strip())
-        return work.hand_over(work.record.state)
 
 
-async def _send_transition(work: Work) -> StepResult | None:
+async def _send_transition(work: Work) -> None:
     record = work.record
     options = await work.client.get_transition_options(record.customer_id, record.subscription_id)
     option = next((o for o in options if same_id(o.catalog_item_id, record.native_target or "")), None)
@@ -151,10 +159,9 @@ async def _send_transition(work: Work) -> StepResult | None:
         record.customer_id, record.subscription_id, to_catalog_item_id=record.native_target or "",
         quantity=quantity, transition_type=transition_type, request_id=_attempt(work))
     await _started(work, transition.to_subscription_id, f"transition {transition.id}", transition.id)
-    return None
 
 
-async def _send_upgrade(work: Work) -> StepResult | None:
+async def _send_upgrade(work: Work) -> None:
     record = work.record
     options = await work.client.get_upgrade_options(record.customer_id, record.subscription_id)
     option: UpgradeOption | None = next(
@@ -162,17 +169,16 @@ async def _send_upgrade(work: Work) -> StepResult | None:
     if option is None or not option.is_eligible or not option.with_license_transfer:
         why = "; ".join(str(e) for e in option.errors) if option else "upgrade no longer offered"
         await _rejected(work, why or f"upgrade type is {option.upgrade_type if option else 'none'}")
-        return work.hand_over(work.record.state)
+        return
     result: UpgradeResult = await work.client.create_upgrade(record.customer_id, record.subscription_id, option,
                                                              request_id=_attempt(work))
     if result.errors or not result.target_subscription_id:
         await _rejected(work, "; ".join(str(e) for e in result.errors) or "no target subscription in the answer")
-        return work.hand_over(work.record.state)
+        return
     failures = "; ".join(str(e) for e in result.license_errors)
     await _started(work, result.target_subscription_id, "upgrade" + (f" (licenseErrors: {failures})"
                                                                       if failures else ""), None,
                    user_failures=failures or None)
-    return None
 
 
 async def _started(work: Work, new_subscription_id: str, what: str, operation_id: str | None,
@@ -305,7 +311,10 @@ async def _verify(work: Work, transition: Transition | None) -> StepResult:
             + "; old subscription not suspended", users_failed=len(failed), new_sku_id=new_sku,
             users_moved=len(holders) - len(failed))
         return work.stop("blocked")
-    await work.transition("reassigned", "native_verified",
+    # Back on the runbook at the license step: it finds nobody left on the old SKU (or moves whoever was given it
+    # meanwhile) and hands over to the suspension, which suspends the old subscription if Partner Center left it
+    # active. (The purchase queue's function can only hand over to the license step.)
+    await work.transition("purchased", "native_verified",
                           f"{len(holders)} former holder(s) have the new SKU; {record.migration_path} complete",
                           new_sku_id=new_sku, users_moved=len(holders))
     return work.hand_over("native move verified")

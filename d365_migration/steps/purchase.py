@@ -39,8 +39,11 @@ async def run(work: Work) -> StepResult:
     record = work.record
     if record.state not in states_owned_by("purchase"):
         return work.hand_over("already purchased")
-    if record.state in native.NATIVE_STATES:  # Partner Center's own move replaces the purchase (steps/native.py)
-        return await native.run(work)
+    # MIGRATION_PATH_POLICY: Partner Center's own move instead of buying (steps/native.py); None → the runbook buys.
+    routed = await native.route(work)
+    if routed is not None:
+        return routed
+    record = work.record
 
     replacement = work.settings.replacement_offers.lookup(record.family or "", record.audience or "")
     if replacement is None:
@@ -52,9 +55,6 @@ async def run(work: Work) -> StepResult:
 
     listed: list[Subscription] | None = None
     if record.state == "detected":
-        routed = await native.route(work)  # MIGRATION_PATH_POLICY: a native path instead of buying?
-        if routed is not None:
-            return routed
         listed = await _check_still_qualifies(work, replacement)
         if listed is None:
             return work.stop("blocked")

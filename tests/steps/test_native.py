@@ -24,6 +24,18 @@ def _buys(state: SandboxState) -> list[dict[str, Any]]:
     return [r for r in writes(state) if "/carts" in r["path"].lower() or r["path"].lower().endswith("/orders")]
 
 
+def withdraw_path_on_post(srv: SandboxServer, config: SandboxConfig) -> None:
+    """Partner Center withdraws the native path between the eligibility read and the POST (the POST is refused)."""
+    app = srv.app
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].lower().endswith("/transitions"):
+            config.native_paths = {}
+        await app(scope, receive, send)
+
+    srv.app = wrapped  # type: ignore[assignment]
+
+
 async def _record(svc: MigrationService, t: Tenant) -> MigrationRecord:
     record = await svc.ledger.get(t.customer_id, t.subscription_id)
     assert record is not None
@@ -130,8 +142,7 @@ async def test_slow_completion_waits_on_the_clock_then_blocks(state: SandboxStat
     config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, native_completion_s=24 * 3600)
     with SandboxServer(state, config) as srv:
         async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
-            (choose,) = (await detect(svc)).purchase_messages
-            (act,) = (await svc.run(choose)).next_messages
+            (act,) = (await detect(svc)).purchase_messages
             waiting = await svc.run(act)
             assert waiting.next_messages == [] and waiting.note == "native move in progress"
             assert (await _record(svc, t)).state == "native_moving"
@@ -150,8 +161,7 @@ async def test_lost_answer_is_recovered_from_the_transitions_list_without_resend
                            faults=FaultConfig(lose_first_write_response=True))
     with SandboxServer(state, config) as srv:
         async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
-            (choose,) = (await detect(svc)).purchase_messages
-            (act,) = (await svc.run(choose)).next_messages
+            (act,) = (await detect(svc)).purchase_messages
             lost = await svc.run(act)
             assert lost.next_messages == [] and "answer lost" in lost.note
             attempted = await _record(svc, t)
@@ -168,12 +178,11 @@ async def test_rejected_native_move_falls_back_to_the_runbook_only_when_nothing_
         state: SandboxState, storage: str) -> None:
     t = Tenant(state, holders=2)
     config = SandboxConfig(native_paths={t.customer_id: TRANSFER})
-    with SandboxServer(state, config) as srv:
+    srv = SandboxServer(state, config)
+    withdraw_path_on_post(srv, config)
+    with srv:
         async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
-            (choose,) = (await detect(svc)).purchase_messages
-            (act,) = (await svc.run(choose)).next_messages
-            config.native_paths = {}  # Partner Center withdraws the path between the choice and the move
-            await drive(svc, [act])
+            await drive(svc, (await detect(svc)).purchase_messages)
             record = await _record(svc, t)
     assert record.state == "completed" and record.migration_path == "runbook"
     assert "native_rejected_fallback" in _events(record)
@@ -184,12 +193,11 @@ async def test_rejected_native_move_falls_back_to_the_runbook_only_when_nothing_
 async def test_rejected_native_move_under_native_only_blocks(state: SandboxState, storage: str) -> None:
     t = Tenant(state, holders=2)
     config = SandboxConfig(native_paths={t.customer_id: TRANSFER})
-    with SandboxServer(state, config) as srv:
+    srv = SandboxServer(state, config)
+    withdraw_path_on_post(srv, config)
+    with srv:
         async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only") as svc:
-            (choose,) = (await detect(svc)).purchase_messages
-            (act,) = (await svc.run(choose)).next_messages
-            config.native_paths = {}
-            await drive(svc, [act])
+            await drive(svc, (await detect(svc)).purchase_messages)
             record = await _record(svc, t)
     assert record.state == "blocked" and "native_rejected" in _events(record)
     assert record.reason is not None and "does not have any transition paths" in record.reason
