@@ -46,7 +46,9 @@ __all__ = [
 logger = logging.getLogger("d365_migration.ledger")
 
 STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed",
-          "cancelled")
+          "cancelled", "native_pending", "native_moving")
+# native_pending / native_moving: Partner Center's own transition or upgrade with license transfer replaces buy +
+# move (steps/native.py); the record then rejoins the runbook at ``reassigned`` for the suspension.
 # cancelled: an operator cancelled the replacement this tool bought, inside Partner Center's cancellation window
 # (`python -m d365_migration cancel`); the old subscription was left active.
 FINAL_STATES = frozenset({"completed", "blocked", "failed", "cancelled"})
@@ -98,6 +100,12 @@ class MigrationRecord:
     wait_kind: str | None = None  # what the license step is waiting for (provisioning_status, subscribed_sku, …)
     wait_started_at: str | None = None  # since when (the injected clock): waits are measured in time, not polls
     purchase_attempt: int = 0  # RequestAttempt.attempt of the next cart/checkout/order write (bumped per answer)
+    migration_path: str | None = None  # native_transition | native_upgrade | runbook (steps/native.py)
+    native_target: str | None = None  # catalog item id (transition) or legacy offer id (upgrade)
+    native_attempt: int = 0  # RequestAttempt number of the native write (bumped after every answer seen)
+    native_attempted_at: str | None = None  # recorded BEFORE the native write is sent
+    native_request_id: str | None = None
+    native_operation_id: str | None = None  # the transition's id as Partner Center reported it
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None

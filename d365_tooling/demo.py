@@ -104,6 +104,7 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
     """Everything that is wrong with the sandbox's final state; an empty list means the run was exactly right.
     ``replacement_offers`` is the REPLACEMENT_OFFERS mapping used (default: the sandbox's new-commerce ids)."""
     from .sandbox import DEMO_REPLACEMENT_OFFERS, sku_for_offer
+    from .sandbox._transitions import native_operations
 
     offers = replacement_offers or DEMO_REPLACEMENT_OFFERS
 
@@ -112,6 +113,7 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
     purchases = state.purchases()
     patches = state.patches()
     updates = state.license_updates()
+    native_ops = native_operations(state)
     expected_subs = {em.subscription_id.lower() for em in manifest.expected}
     expected_customers = {em.customer_id.lower() for em in manifest.expected}
     for em in manifest.expected:
@@ -125,8 +127,14 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
             problems.append(f"{where}: record is {record.state} ({record.reason})")
         replacement = offers[em.family][em.audience]
         mine = [p for p in purchases if p["customer_id"].lower() == cid and record.tag in (p["friendly_name"] or "")]
-        if len(mine) != 1:
-            problems.append(f"{where}: {len(mine)} purchases for this record (expected exactly 1)")
+        moves = [op for op in native_ops if op["from_subscription_id"].lower() == sid]
+        native = record.migration_path in ("native_transition", "native_upgrade")
+        if native and (len(moves) != 1 or mine):
+            problems.append(f"{where}: native path took {len(moves)} moves and {len(mine)} purchases "
+                            "(expected exactly 1 move, no purchase)")
+        if not native and (len(mine) != 1 or moves):
+            problems.append(f"{where}: {len(mine)} purchases and {len(moves)} native moves for this record "
+                            "(expected exactly 1 purchase)")
         for p in mine:
             # the availability part of a catalog item id rotates; the product SKU (or legacy offer) must match
             if str(p["offer_id"]).lower().split(":")[:2] != replacement.lower().split(":")[:2]:
@@ -154,7 +162,8 @@ def verify_world(state: Any, manifest: Any, records: Sequence[MigrationRecord],
             problems.append(f"{where}: suspended {len(suspends)} times")
         if suspends:
             t = suspends[0]["time"]
-            provisioned = [p["provisioned_at"] for p in mine if p.get("provisioned_at")]
+            provisioned = [p["provisioned_at"] for p in mine if p.get("provisioned_at")] + [
+                op["complete_at"] for op in moves if op["completed"]]
             if not provisioned or min(provisioned) > t:
                 problems.append(f"{where}: old subscription suspended before the replacement was active")
             late = [u for u in updates if u["customer_id"].lower() == cid and old_sku in u["removed"]

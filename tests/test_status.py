@@ -89,7 +89,8 @@ async def test_json_has_counts_per_state_and_every_record_needing_attention(run:
     doc = await status_json(run["host"])
     assert doc["dryRun"] is False and doc["total"] == 4
     assert doc["counts"] == {"detected": 0, "purchasing": 0, "purchased": 0, "reassigning": 0, "reassigned": 0,
-                             "completed": 1, "blocked": 2, "failed": 1, "cancelled": 0}
+                             "completed": 1, "blocked": 2, "failed": 1, "cancelled": 0, "native_pending": 0,
+                             "native_moving": 0}
     t = run["tenants"]
     attention = {a["subscriptionId"]: a for a in doc["attention"]}
     assert set(attention) == {t["evil_blocked"]["sid"], t["unmapped_blocked"]["sid"], t["rejected_failed"]["sid"]}

@@ -58,8 +58,10 @@ def blocked_by_controls(controls: RolloutControls, customer_id: str) -> str | No
 
 
 def purchase_under_way(record: MigrationRecord) -> bool:
-    """A cart, an order or an order attempt is recorded: the purchase may already have happened in Partner Center."""
-    return bool(record.cart_id or record.order_id or record.order_attempted_at or record.new_subscription_id)
+    """A cart, an order, an order attempt or a native transition/upgrade attempt is recorded: the purchase may
+    already have happened in Partner Center."""
+    return bool(record.cart_id or record.order_id or record.order_attempted_at or record.new_subscription_id
+                or record.native_attempted_at)
 
 
 async def purchase_allowed(work: Work) -> bool:

@@ -23,6 +23,9 @@ STEP_FOR_STATE: Mapping[str, Step] = MappingProxyType({
     "purchased": "reassign",
     "reassigning": "reassign",
     "reassigned": "suspend",
+    # Partner Center's native move (steps/native.py) is worked from the purchase queue: it replaces the purchase.
+    "native_pending": "purchase",
+    "native_moving": "purchase",
 })
 
 

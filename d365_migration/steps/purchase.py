@@ -29,6 +29,7 @@ from .._exceptions import (
 from .._ledger import MigrationRecord
 from .._models import Order, Subscription, same_id
 from .._settings import ReplacementTarget
+from . import native
 from ._gate import purchase_allowed
 from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
 from ._preflight import preflight
@@ -52,6 +53,14 @@ async def run(work: Work) -> StepResult:
     record = work.record
     if record.state not in states_owned_by("purchase"):
         return work.hand_over("already purchased")
+    # The rollout gate comes first: a native transition or upgrade spends money too (it creates the replacement).
+    if not await purchase_allowed(work):  # paused, dry run or out of scope: nothing bought, the record waits
+        return work.stop("rollout paused")
+    # MIGRATION_PATH_POLICY: Partner Center's own move instead of buying (steps/native.py); None → the runbook buys.
+    routed = await native.route(work)
+    if routed is not None:
+        return routed
+    record = work.record
 
     replacement = work.settings.replacement_offers.lookup(record.family or "", record.audience or "")
     if replacement is None:
@@ -60,9 +69,6 @@ async def run(work: Work) -> StepResult:
             f"no REPLACEMENT_OFFERS entry for {record.family}.{record.audience}; add one, then "
             "`python -m d365_migration retry`")
         return work.stop("blocked")
-
-    if not await purchase_allowed(work):  # paused, dry run or out of scope: nothing bought, the record waits
-        return work.stop("rollout paused")
 
     listed: list[Subscription] | None = None
     if record.state == "detected":

@@ -53,7 +53,7 @@ async def test_retry_after_provisioning_timeout_waits_again(storage: str, monkey
 def test_every_state_is_owned_by_exactly_one_step_or_is_final() -> None:
     assert set(STEP_FOR_STATE) | FINAL_STATES == set(STATES)
     assert not set(STEP_FOR_STATE) & FINAL_STATES
-    assert states_owned_by("purchase") == {"detected", "purchasing"}
+    assert states_owned_by("purchase") == {"detected", "purchasing", "native_pending", "native_moving"}
     assert states_owned_by("reassign") == {"purchased", "reassigning"}
     assert states_owned_by("suspend") == {"reassigned"}
     for state in FINAL_STATES:

@@ -1,0 +1,235 @@
+"""The native step (``d365_migration/steps/native.py``) against the sandbox's native-path switches
+(``native_paths``, ``native_license_error_users``, ``native_completion_s``, ``native_source_left_active``)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from d365_migration import MigrationService
+from d365_migration._ledger import MigrationRecord
+from d365_tooling.sandbox import LEGACY_REPLACEMENT_OFFERS, FaultConfig, SandboxConfig, SandboxServer, SandboxState
+from d365_tooling.sandbox._transitions import native_operations
+from tests.steps._world import DEMO_REPLACEMENT_OFFERS, Clock, Tenant, detect, drive, new_sku, service, writes
+
+TRANSFER = "transition_with_license_transfer"
+
+
+def _native_posts(state: SandboxState) -> list[dict[str, Any]]:
+    return [r for r in writes(state) if r["path"].lower().rstrip("/").endswith(("/transitions", "/upgrades"))]
+
+
+def _buys(state: SandboxState) -> list[dict[str, Any]]:
+    return [r for r in writes(state) if "/carts" in r["path"].lower() or r["path"].lower().endswith("/orders")]
+
+
+def withdraw_path_on_post(srv: SandboxServer, config: SandboxConfig) -> None:
+    """Partner Center withdraws the native path between the eligibility read and the POST (the POST is refused)."""
+    app = srv.app
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].lower().endswith("/transitions"):
+            config.native_paths = {}
+        await app(scope, receive, send)
+
+    srv.app = wrapped  # type: ignore[assignment]
+
+
+async def _record(svc: MigrationService, t: Tenant) -> MigrationRecord:
+    record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None
+    return record
+
+
+def _events(record: MigrationRecord) -> list[str]:
+    return [h["event"] for h in record.history]
+
+
+async def test_transition_with_license_transfer_replaces_buy_and_move(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=3)
+    with SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER})) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+            outcomes = {o.user_id: o.outcome for o in await svc.ledger.user_outcomes(record)}
+    assert record.state == "completed", record.reason
+    assert record.migration_path == "native_transition"
+    assert {"path_native", "native_attempt", "native_started", "native_verified"} <= set(_events(record))
+    assert _events(record).index("native_attempt") < _events(record).index("native_started")
+    assert _buys(state) == [] and state.purchases() == []
+    assert len(_native_posts(state)) == 1 and len(native_operations(state)) == 1
+    wanted = new_sku(DEMO_REPLACEMENT_OFFERS, t.offer)
+    for holder in t.holders:
+        assert wanted in t.licenses(holder) and t.old_sku not in t.licenses(holder)
+    assert outcomes == {h: "moved" for h in t.holders}
+    assert t.old_status() == "suspended" and state.patches() == []  # Partner Center suspended it
+
+
+async def test_native_only_without_a_path_blocks_with_the_eligibility_reason(state: SandboxState,
+                                                                              storage: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "blocked"
+    assert record.reason is not None and "does not have any transition paths" in record.reason
+    assert "native_only" in record.reason and "nothing bought" in record.reason
+    assert writes(state) == [] and t.old_status() == "active"
+
+
+async def test_prefer_native_without_license_transfer_takes_the_runbook(state: SandboxState, storage: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state, SandboxConfig(native_paths={t.customer_id: "transition_only"})) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "completed" and record.migration_path == "runbook"
+    runbook_choice = next(h for h in record.history if h["event"] == "path_runbook")
+    assert "transition_only" in runbook_choice["detail"]
+    assert _native_posts(state) == [] and len(state.purchases()) == 1
+
+
+async def test_native_upgrade_to_the_legacy_replacement(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: "upgrade_with_license_transfer"})
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only",
+                           REPLACEMENT_OFFERS=json.dumps(LEGACY_REPLACEMENT_OFFERS)) as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "completed", record.reason
+    assert record.migration_path == "native_upgrade"
+    assert len(_native_posts(state)) == 1 and _buys(state) == []
+    wanted = new_sku(LEGACY_REPLACEMENT_OFFERS, t.offer)
+    assert all(wanted in t.licenses(h) and t.old_sku not in t.licenses(h) for h in t.holders)
+
+
+async def test_license_errors_block_naming_the_users_and_nothing_is_suspended(state: SandboxState,
+                                                                               storage: str) -> None:
+    t = Tenant(state, holders=3)
+    failing = t.holders[1]
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, native_license_error_users=[failing])
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            left = await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert left == [] and record.state == "blocked"
+    assert record.reason is not None and t.upn(failing) in record.reason
+    assert all(t.upn(h) not in record.reason for h in t.holders if h != failing)
+    assert t.old_sku in t.licenses(failing)
+    assert t.old_status() == "active" and state.patches() == []
+    assert len(_native_posts(state)) == 1 and _buys(state) == []
+
+
+async def test_source_left_active_is_suspended_by_the_tool_after_verification(state: SandboxState,
+                                                                              storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, native_source_left_active=True)
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "completed" and "old_suspended" in _events(record)
+    assert t.old_status() == "suspended"
+    assert [p["subscription_id"].lower() for p in state.patches()] == [t.subscription_id]
+
+
+async def test_slow_completion_waits_on_the_clock_then_blocks(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, native_completion_s=24 * 3600)
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            waiting = await svc.run(act)
+            assert waiting.next_messages == [] and waiting.note == "native move in progress"
+            assert (await _record(svc, t)).state == "native_moving"
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            timed_out = await svc.run(act)
+            record = await _record(svc, t)
+    assert timed_out.note == "blocked" and record.state == "blocked"
+    assert "native_timeout" in _events(record)
+    assert len(_native_posts(state)) == 1 and t.old_status() == "active" and state.patches() == []
+
+
+async def test_lost_answer_is_recovered_from_the_transitions_list_without_resending(state: SandboxState,
+                                                                                    storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER},
+                           faults=FaultConfig(lose_first_write_response=True))
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            lost = await svc.run(act)
+            assert lost.next_messages == [] and "answer lost" in lost.note
+            attempted = await _record(svc, t)
+            assert attempted.state == "native_pending" and attempted.native_attempted_at
+            await drive(svc, [act])
+            record = await _record(svc, t)
+    assert record.state == "completed", record.reason
+    assert len(_native_posts(state)) == 1 and len(native_operations(state)) == 1
+    assert record.native_request_id == attempted.native_request_id
+    assert [p["requestId"] for p in _native_posts(state)] == [record.native_request_id]
+
+
+async def test_rejected_native_move_falls_back_to_the_runbook_only_when_nothing_changed(
+        state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER})
+    srv = SandboxServer(state, config)
+    withdraw_path_on_post(srv, config)
+    with srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "completed" and record.migration_path == "runbook"
+    assert "native_rejected_fallback" in _events(record)
+    assert native_operations(state) == [] and len(state.purchases()) == 1
+    assert t.old_status() == "suspended"
+
+
+async def test_rejected_native_move_under_native_only_blocks(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER})
+    srv = SandboxServer(state, config)
+    withdraw_path_on_post(srv, config)
+    with srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only") as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "blocked" and "native_rejected" in _events(record)
+    assert record.reason is not None and "does not have any transition paths" in record.reason
+    assert _buys(state) == [] and native_operations(state) == [] and t.old_status() == "active"
+
+
+async def test_runbook_only_default_never_asks_for_eligibility(state: SandboxState, storage: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER})) as srv:
+        async with service(srv.url, storage) as svc:
+            await drive(svc, (await detect(svc)).purchase_messages)
+            record = await _record(svc, t)
+    assert record.state == "completed" and record.migration_path is None
+    assert not [r for r in state.requests() if "transition" in r["path"].lower() or "upgrade" in r["path"].lower()]
+    assert native_operations(state) == [] and len(state.purchases()) == 1
+
+
+async def test_a_pause_stops_a_native_move_too(state: SandboxState, storage: str) -> None:
+    """A transition or upgrade creates (and bills) the replacement as surely as a purchase: the rollout gate comes
+    before the native step, so a paused rollout sends no eligibility-driven write at all."""
+    from dataclasses import replace
+
+    from d365_migration._rollout import RolloutStore, controls_from_settings
+
+    t = Tenant(state, holders=2)
+    with SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER})) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (msg,) = (await detect(svc)).purchase_messages
+            store = RolloutStore(svc.ledger.table_client)
+            await store.change(lambda c: replace(c, paused=True, pause_reason="freeze"), by="tests", action="pause",
+                               reason=None, defaults=controls_from_settings(svc.settings))
+            result = await svc.purchase(msg)
+            record = await _record(svc, t)
+    assert result.note == "rollout paused" and record.state == "detected"
+    assert _native_posts(state) == [] and _buys(state) == [] and t.old_status() == "active"
