@@ -101,8 +101,9 @@ class Clock:
 
 @contextlib.asynccontextmanager
 async def service(url: str, storage: str, *, clock: Callable[[], datetime] | None = None,
-                  **overrides: str) -> AsyncIterator[MigrationService]:
-    svc = build_service(Settings.from_env(env_for(url, storage, **overrides)), max_attempts=2, backoff_base=0.01)
+                  client_options: dict[str, Any] | None = None, **overrides: str) -> AsyncIterator[MigrationService]:
+    svc = build_service(Settings.from_env(env_for(url, storage, **overrides)), max_attempts=2, backoff_base=0.01,
+                        **(client_options or {}))
     if clock is not None:
         svc = MigrationService(svc.settings, svc.client, svc.ledger, svc.queues, svc.deps.catalog, clock=clock)
     try:
