@@ -78,8 +78,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                         "subscriptionId": c.subscription.id.lower(), "offerName": c.subscription.offer_name,
                         "family": c.offer.family, "audience": c.offer.audience, "channel": c.offer.channel,
                         "quantity": c.subscription.quantity,
-                        "commitmentEndDate": c.subscription.commitment_end.date().isoformat()
-                        if c.subscription.commitment_end else None,
+                        "commitmentEndDate": c.ends.date().isoformat() if c.ends else None,
                         "replacement": replacement,
                         "action": ("skip: customer not in scope" if not in_scope else
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
@@ -102,6 +101,10 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         writer = csv.DictWriter(out, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
+        # --all: what was left alone (unrecognised offers included, with their names), one row each, and why.
+        writer.writerows({"customerId": x["customerId"], "subscriptionId": x["subscriptionId"],
+                          "offerName": x["offerName"], "action": "left alone", "pathReason": x["reason"]}
+                         for x in left)
     else:
         from rich.table import Table
 
