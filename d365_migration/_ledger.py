@@ -99,6 +99,9 @@ class MigrationRecord:
     wait_started_at: str | None = None  # since when (the injected clock): waits are measured in time, not polls
     purchase_attempt: int = 0  # RequestAttempt.attempt of the next cart/checkout/order write (bumped per answer)
     suspend_attempt: int = 0  # RequestAttempt.attempt of the next suspension PATCH (bumped per answer)
+    # Pooled SKU: the user principal names (JSON list, lower-case) an operator named as the retiring subscription's
+    # users (`retry … --users-file`); the license step moves exactly those.
+    moving_users: str | None = None
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None
@@ -119,6 +122,13 @@ class MigrationRecord:
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def named_users(self) -> frozenset[str] | None:
+        """The operator's list of who moves (lower-case UPNs), or ``None`` when every holder moves."""
+        if not self.moving_users:
+            return None
+        return frozenset(str(u).lower() for u in json.loads(self.moving_users))
 
     @property
     def tag(self) -> str:

@@ -158,13 +158,23 @@ def print_records(records: Sequence[MigrationRecord], out: TextIO, title: str = 
     _console(out).print(table)
 
 
-async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
-    """Re-drive a failed or blocked record from the step it stopped at (``steps/redrive.py``). Safe to run twice."""
+async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False,
+                users_file: str | None = None) -> int:
+    """Re-drive a failed or blocked record from the step it stopped at (``steps/redrive.py``). Safe to run twice.
+    ``users_file``: the user principal names (one a line, ``#`` comments) that move off a pooled product SKU."""
     from ._app import open_storage
     from .steps import redrive
 
+    moving_users = None
+    if users_file is not None:
+        try:
+            lines = Path(users_file).read_text(encoding="utf-8-sig").splitlines()
+        except OSError as exc:
+            print(f"error: cannot read the users file {users_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        moving_users = [line.split("#", 1)[0].strip() for line in lines]
     async with open_storage(settings) as (ledger, queues):
-        result = await redrive.run(ledger, queues, target, buy_anyway=buy_anyway)
+        result = await redrive.run(ledger, queues, target, buy_anyway=buy_anyway, moving_users=moving_users)
     out.write(result.describe() + "\n")
     return result.exit_code
 
@@ -451,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("record")
     p.add_argument("--buy-anyway", action="store_true",
                    help="an untagged subscription of the replacement offer is NOT this migration's: buy anyway")
+    p.add_argument("--users-file", metavar="PATH",
+                   help="pooled SKU: the user principal names (one a line) of the retiring subscription's users; "
+                        "only they move")
     p = sub.add_parser("sandbox", help="serve the Partner Center sandbox")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--customers", type=int, default=40)
@@ -545,7 +558,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "rollout":
             return asyncio.run(_rollout(settings, args, out))
         if args.command == "retry":
-            return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+            return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway,
+                                     users_file=args.users_file))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

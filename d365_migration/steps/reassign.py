@@ -9,6 +9,8 @@ Read top to bottom, for one record whose replacement is active:
    move each with ONE license update that assigns the new SKU and removes the old one together (a user is never
    without the product). Each page's progress and the next page's cursor are saved, so thousands of users resume
    where the last invocation stopped.
+   With a pooled SKU (also granted by another subscription), only the users an operator named move
+   (``retry … --users-file``).
 3. Any user who could not be moved blocks the record (the old subscription stays active); otherwise ``reassigned``
    and the record goes on to the suspension.
 """
@@ -223,8 +225,11 @@ async def _holders(work: Work, users: list[CustomerUser], old_sku: str,
     concurrently; the client paces them."""
     semaphore = asyncio.Semaphore(work.settings.max_concurrency)
     customer_id = work.record.customer_id
+    named = work.record.named_users  # pooled SKU: the operator said who belongs to the retiring subscription
 
     async def inspect(user: CustomerUser) -> tuple[str, str | None, bool] | None:
+        if named is not None and (user.user_principal_name or "").lower() not in named:
+            return None
         async with semaphore:
             licenses = await work.client.get_user_licenses(customer_id, user.id)
         skus = {lic.product_sku.id.lower() for lic in licenses}

@@ -51,7 +51,10 @@ async def run(work: Work) -> StepResult:
     if old_sku_id != (record.new_sku_id or "").lower():
         skus = {s.product_sku.id.lower(): s for s in await client.list_subscribed_skus(record.customer_id)}
         old = skus.get(old_sku_id)
-        if old is not None and old.consumed_units > 0:
+        # Pooled SKU with named users: the holders left must be the other subscriptions' (fit in their units).
+        others_units = (max(0, old.active_units - record.quantity)
+                        if old is not None and record.named_users is not None else 0)
+        if old is not None and old.consumed_units > others_units:
             trips = sum(1 for h in record.history if h.get("event") == "old_sku_still_used")
             if trips >= MAX_REASSIGN_TRIPS:
                 await work.transition(
@@ -61,7 +64,7 @@ async def run(work: Work) -> StepResult:
                 return work.stop("blocked")
             # Someone gave a user the old license again (or a move did not stick): move them first.
             await work.transition("reassigning", "old_sku_still_used",
-                                  f"{old.consumed_units} user(s) still hold the old SKU")
+                                  f"{old.consumed_units - others_units} user(s) still hold the old SKU")
             return work.hand_over("back to reassign")
 
     old_sub = await client.get_subscription(record.customer_id, record.subscription_id)
