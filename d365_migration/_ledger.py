@@ -106,6 +106,10 @@ class MigrationRecord:
     native_attempted_at: str | None = None  # recorded BEFORE the native write is sent
     native_request_id: str | None = None
     native_operation_id: str | None = None  # the transition's id as Partner Center reported it
+    suspend_attempt: int = 0  # RequestAttempt.attempt of the next suspension PATCH (bumped per answer)
+    # Pooled SKU: the user principal names (JSON list, lower-case) an operator named as the retiring subscription's
+    # users (`retry … --users-file`); the license step moves exactly those.
+    moving_users: str | None = None
     reason: str | None = None
     polls: int = 0
     lease_owner: str | None = None
@@ -126,6 +130,13 @@ class MigrationRecord:
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def named_users(self) -> frozenset[str] | None:
+        """The operator's list of who moves (lower-case UPNs), or ``None`` when every holder moves."""
+        if not self.moving_users:
+            return None
+        return frozenset(str(u).lower() for u in json.loads(self.moving_users))
 
     @property
     def tag(self) -> str:
@@ -194,6 +205,17 @@ class UserOutcome:
     outcome: str  # moved | skipped | failed
     detail: str | None = None
     user_principal_name: str | None = None
+    # Answers seen to this user's license updates: the RequestAttempt.attempt of the next one (documented rule: a
+    # new MS-RequestId after any answer, the same one only after a lost answer).
+    answers: int = 0
+
+
+def _user_outcome(entity: Mapping[str, Any]) -> UserOutcome:
+    # A row written before answers were counted still stands for one answer seen (rows follow answers).
+    answers = entity.get("Answers")
+    return UserOutcome(user_id=entity["UserId"], outcome=entity["Outcome"], detail=entity.get("Detail") or None,
+                       user_principal_name=entity.get("UserPrincipalName") or None,
+                       answers=int(answers) if answers is not None else 1)
 
 
 class MigrationLedger:
@@ -319,6 +341,7 @@ class MigrationLedger:
             "Outcome": outcome.outcome,
             "Detail": (outcome.detail or "")[:1000],
             "UserPrincipalName": outcome.user_principal_name or "",
+            "Answers": outcome.answers,
             "At": utcnow().isoformat(),
         }
         await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
@@ -328,8 +351,23 @@ class MigrationLedger:
         pk, rk = record.key
         query = f"PartitionKey eq '{pk}' and RowKey ge '{rk}|user|' and RowKey lt '{rk}|user|~'"
         entities = await self._run(lambda: list(self._table.query_entities(query)))
-        return [UserOutcome(user_id=e["UserId"], outcome=e["Outcome"], detail=e.get("Detail") or None,
-                            user_principal_name=e.get("UserPrincipalName") or None) for e in entities]
+        return [_user_outcome(e) for e in entities]
+
+    async def user_answers(self, record: MigrationRecord, user_ids: Sequence[str]) -> dict[str, int]:
+        """How many license-update answers each of ``user_ids`` has had for this record (0 when none was recorded),
+        keyed by the lower-case user id: the attempt number of the next update's request id."""
+        await self.ensure_table()
+        pk, rk = record.key
+
+        def read(user_id: str) -> int:
+            try:
+                entity = self._table.get_entity(pk, f"{rk}|user|{user_id.lower()}")
+            except ResourceNotFoundError:
+                return 0
+            return _user_outcome(entity).answers
+
+        counts = await asyncio.gather(*(self._run(read, u) for u in user_ids))
+        return {u.lower(): n for u, n in zip(user_ids, counts, strict=True)}
 
     # ------------------------------------------------------------------ scan pages (fan-out detection)
 

@@ -1,8 +1,12 @@
 """Finding expiring retired-offer subscriptions (read-only).
 
 A subscription is a candidate when its offer is in the retired-offer catalog, its status is ``active``,
-``autoRenewEnabled`` is false and ``commitmentEndDate`` falls within the expiry window (year-9999 dates mean "no
-end"). Anything else that matches the catalog is reported as *left alone*, with the reason, so a partner can see why.
+``autoRenewEnabled`` is false and its end date falls within the expiry window. The end date is ``commitmentEndDate``;
+when that is missing or the year-9999 placeholder, it is the provisioning status ``endDate``
+(https://learn.microsoft.com/partner-center/developer/get-subscription-provisioning-status), and when neither gives
+one the subscription is listed as "end date unknown". Anything else that matches the catalog is reported as *left
+alone*, with the reason, so a partner can see why — and so is an offer whose name looks like a Dynamics "(Qualified
+Offer)" but is not in the catalog (*unrecognised*, with its name): detection leaves nothing unexplained.
 Pages of customers are streamed and each page's customers are read concurrently, so memory stays flat and the
 client's rate limiter — not a one-at-a-time loop — sets the pace.
 """
@@ -16,10 +20,12 @@ from datetime import datetime, timedelta
 
 from ._catalog import RetiredOffer, RetiredOfferCatalog
 from ._client import PartnerCenterClient
-from ._exceptions import PartnerCenterError
+from ._exceptions import AccessDeniedError, PartnerCenterError
 from ._models import Customer, Subscription
 
 __all__ = [
+    "END_DATE_UNKNOWN",
+    "UNRECOGNISED",
     "Candidate",
     "CustomerScan",
     "LeftAlone",
@@ -30,11 +36,22 @@ __all__ = [
 ]
 
 
+UNRECOGNISED = ("unrecognised: the name looks like a Dynamics 365 (Qualified Offer) but the retired-offer catalog "
+                "does not list it; if it is one, add it with RETIRED_OFFERS_EXTRA")
+END_DATE_UNKNOWN = "end date unknown"
+
+
 @dataclass(frozen=True)
 class Candidate:
     customer: Customer
     subscription: Subscription
     offer: RetiredOffer
+    # The end date used: commitmentEndDate, or provisioning status endDate when that is the year-9999 placeholder.
+    end_date: datetime | None = None
+
+    @property
+    def ends(self) -> datetime | None:
+        return self.end_date or self.subscription.commitment_end
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class LeftAlone:
     subscription_id: str
     offer_name: str | None
     reason: str
+    unrecognised: bool = False
 
 
 @dataclass
@@ -54,21 +72,23 @@ class CustomerScan:
 
 
 def evaluate(subscription: Subscription, catalog: RetiredOfferCatalog, *, now: datetime,
-             window_days: int) -> RetiredOffer | str | None:
-    """The retired offer if the subscription is a candidate; a reason string if it is a retired offer that must be
-    left alone; ``None`` if it is not a retired offer at all."""
-    offer = catalog.match(subscription.offer_id, subscription.offer_name)
+             window_days: int, end_date: datetime | None = None) -> RetiredOffer | str | None:
+    """The retired offer if the subscription is a candidate; a reason string if it is a retired offer (or looks like
+    one, :data:`UNRECOGNISED`) that must be left alone; ``None`` if it is not a retired offer at all. ``end_date``
+    (provisioning status ``endDate``) stands in for a missing or year-9999 ``commitmentEndDate``."""
+    match = catalog.classify(subscription.offer_id, subscription.offer_name)
+    offer = match.offer
     if offer is None:
-        return None
+        return UNRECOGNISED if match.unrecognised else None
     if subscription.status != "active":
         return f"status is {subscription.status}"
     if subscription.auto_renew is not False:
         return "auto-renew is on" if subscription.auto_renew else "auto-renew state unknown"
-    end = subscription.commitment_end
-    if end is None:
-        return "no commitment end date"
-    if end.year >= 9999:
-        return "no real end date (year 9999)"
+    end = subscription.commitment_end if subscription.end_date_known else end_date
+    if end is None or end.year >= 9999:
+        shown = subscription.commitment_end.date().isoformat() if subscription.commitment_end else "missing"
+        return (f"{END_DATE_UNKNOWN}: commitmentEndDate is {shown} and the provisioning status gives no endDate; "
+                "check the subscription's end in Partner Center")
     if end < now - timedelta(days=1):
         return f"commitment ended {end.date().isoformat()}"
     if end > now + timedelta(days=window_days):
@@ -85,12 +105,31 @@ async def scan_customer(client: PartnerCenterClient, customer: Customer, catalog
         result.error = str(exc)
         return result
     for sub in subscriptions:
-        verdict = evaluate(sub, catalog, now=now, window_days=window_days)
+        end_date, why_unknown = None, ""
+        if not sub.end_date_known and isinstance(evaluate(sub, catalog, now=now, window_days=window_days), str):
+            end_date, why_unknown = await _provisioning_end_date(client, customer.id, sub.id)
+        verdict = evaluate(sub, catalog, now=now, window_days=window_days, end_date=end_date)
         if isinstance(verdict, RetiredOffer):
-            result.candidates.append(Candidate(customer, sub, verdict))
+            result.candidates.append(Candidate(customer, sub, verdict, end_date if not sub.end_date_known else None))
         elif isinstance(verdict, str):
-            result.left_alone.append(LeftAlone(customer.id, sub.id, sub.offer_name, verdict))
+            if verdict.startswith(END_DATE_UNKNOWN) and why_unknown:
+                verdict += f" (provisioning status: {why_unknown})"
+            result.left_alone.append(LeftAlone(customer.id, sub.id, sub.offer_name, verdict,
+                                               unrecognised=verdict == UNRECOGNISED))
     return result
+
+
+async def _provisioning_end_date(client: PartnerCenterClient, customer_id: str,
+                                 subscription_id: str) -> tuple[datetime | None, str]:
+    """The provisioning status ``endDate`` of a subscription whose ``commitmentEndDate`` is not a real date, and,
+    when there is none, why (read-only; a refused or failed read leaves the end date unknown, never guessed)."""
+    try:
+        status = await client.get_provisioning_status(customer_id, subscription_id)
+    except AccessDeniedError as exc:
+        return None, f"not readable ({exc.reason}: {exc.fix})"
+    except PartnerCenterError as exc:
+        return None, f"not readable ({exc})"
+    return status.end_date, "" if status.end_date else "no endDate"
 
 
 async def scan_page(client: PartnerCenterClient, customers: list[Customer], catalog: RetiredOfferCatalog, *,

@@ -83,8 +83,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                         "subscriptionId": c.subscription.id.lower(), "offerName": c.subscription.offer_name,
                         "family": c.offer.family, "audience": c.offer.audience, "channel": c.offer.channel,
                         "quantity": c.subscription.quantity,
-                        "commitmentEndDate": c.subscription.commitment_end.date().isoformat()
-                        if c.subscription.commitment_end else None,
+                        "commitmentEndDate": c.ends.date().isoformat() if c.ends else None,
                         "replacement": replacement,
                         "action": ("skip: customer not in scope" if not in_scope else
                                    "block: no REPLACEMENT_OFFERS entry" if replacement is None else "migrate"),
@@ -110,9 +109,10 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
         writer = csv.DictWriter(out, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        # --all: the retired offers left alone, with why, in the same columns (action "leave alone: <why>")
+        # --all: what was left alone (unrecognised offers included, with their names), one row each, and why.
         writer.writerows({"customerId": x["customerId"], "subscriptionId": x["subscriptionId"],
-                          "offerName": x["offerName"], "action": f"leave alone: {x['reason']}"} for x in left)
+                          "offerName": x["offerName"], "action": f"leave alone: {x['reason']}",
+                          "pathReason": x["reason"]} for x in left)
     else:
         from rich.table import Table
 
@@ -351,13 +351,23 @@ async def retry_many(settings: Settings, out: TextIO, *, states: Sequence[str], 
     return 0
 
 
-async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False) -> int:
-    """Re-drive a failed or blocked record from the step it stopped at (``steps/redrive.py``). Safe to run twice."""
+async def retry(settings: Settings, target: str, out: TextIO, *, buy_anyway: bool = False,
+                users_file: str | None = None) -> int:
+    """Re-drive a failed or blocked record from the step it stopped at (``steps/redrive.py``). Safe to run twice.
+    ``users_file``: the user principal names (one a line, ``#`` comments) that move off a pooled product SKU."""
     from ._app import open_storage
     from .steps import redrive
 
+    moving_users = None
+    if users_file is not None:
+        try:
+            lines = Path(users_file).read_text(encoding="utf-8-sig").splitlines()
+        except OSError as exc:
+            print(f"error: cannot read the users file {users_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        moving_users = [line.split("#", 1)[0].strip() for line in lines]
     async with open_storage(settings) as (ledger, queues):
-        result = await redrive.run(ledger, queues, target, buy_anyway=buy_anyway)
+        result = await redrive.run(ledger, queues, target, buy_anyway=buy_anyway, moving_users=moving_users)
     out.write(result.describe() + "\n")
     return result.exit_code
 
@@ -660,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--buy-anyway", action="store_true",
                    help="an untagged subscription of the replacement offer is NOT this migration's: buy anyway")
+    p.add_argument("--users-file", metavar="PATH",
+                   help="pooled SKU: the user principal names (one a line) of the retiring subscription's users; "
+                        "only they move")
     p = sub.add_parser("sandbox", help="serve the Partner Center sandbox")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--customers", type=int, default=40)
@@ -765,7 +778,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
             asyncio.run(check_storage(settings))
             if args.record and not (args.state or args.reason_code or args.customer):
-                return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway))
+                return asyncio.run(retry(settings, args.record, out, buy_anyway=args.buy_anyway,
+                                         users_file=args.users_file))
             if args.record:
                 raise ConfigurationError("retry", "give one record or filters, not both",
                                          "e.g. retry --state blocked --reason-code purchase_brake")

@@ -9,7 +9,9 @@ with the tool's own roles, everything the license move and the suspension will n
    against the customer's subscribed SKUs);
 4. the users holding that SKU fit the quantity the replacement will be bought with. More holders than the old
    subscription's quantity means the SKU is pooled with another subscription of the customer (``subscribedskus``
-   pools one product SKU across subscriptions) and the tool cannot tell who belongs to the retiring one.
+   pools one product SKU across subscriptions) and the tool cannot tell who belongs to the retiring one — unless an
+   operator named them (``retry <customer>/<subscription> --users-file users.txt``; at most the old quantity), and
+   then only those move.
 
 Any failure blocks the record with the exact missing role or fact and what to do; nothing is bought.
 """
@@ -57,15 +59,16 @@ async def preflight(work: Work, *, quantity: int) -> bool:
             "`python -m d365_migration retry`")
         return False
     holders = sku.consumed_units
-    if holders > quantity:
+    if holders > quantity and record.named_users is None:
         await work.transition(
             "blocked", "preflight_pooled_sku",
             f"pre-flight: nothing bought — {holders} users hold product SKU {sku.product_sku.id} "
             f"({sku.product_sku.name or sku.product_sku.sku_part_number}) but the old subscription accounts for "
             f"only {quantity} (the customer has {sku.total_units} units of it in all: another subscription grants "
-            "the same SKU). The tool will not move users the retiring subscription does not license. Remove the "
-            "SKU from the users who belong to the other subscription (or raise the old quantity), then "
-            "`python -m d365_migration retry`")
+            "the same SKU). The tool will not move users the retiring subscription does not license. Name the "
+            f"users who move (at most {quantity} user principal names, one a line): `python -m d365_migration "
+            f"retry {record.customer_id}/{record.subscription_id} --users-file users.txt`; or remove the SKU from "
+            "the users who belong to the other subscription, then `python -m d365_migration retry`")
         return False
     await work.checkpoint(old_sku_id=sku.product_sku.id.lower())
     return True

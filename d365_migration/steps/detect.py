@@ -128,6 +128,10 @@ async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *,
         report.errors.append(f"customer {scan.customer.id}: {scan.error}")
         logger.warning("event=scan_error customer=%s %s", scan.customer.id, scan.error)
     report.left_alone.extend(scan.left_alone)
+    for x in scan.left_alone:
+        if x.unrecognised:
+            logger.warning("event=unrecognised_offer customer=%s subscription=%s offer=%r: %s", x.customer_id,
+                           x.subscription_id, x.offer_name, x.reason)
     waiting: list[MigrationRecord] = []
     for candidate in scan.candidates:
         if not customer_in_scope(controls, candidate.customer.id):
@@ -182,5 +186,5 @@ def _new_record(candidate: Candidate) -> MigrationRecord:
         audience=candidate.offer.audience,
         channel=candidate.offer.channel,
         quantity=sub.quantity,
-        commitment_end=sub.commitment_end.isoformat() if sub.commitment_end else None,
+        commitment_end=candidate.ends.isoformat() if candidate.ends else None,
     )

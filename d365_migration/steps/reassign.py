@@ -9,6 +9,8 @@ Read top to bottom, for one record whose replacement is active:
    move each with ONE license update that assigns the new SKU and removes the old one together (a user is never
    without the product). Each page's progress and the next page's cursor are saved, so thousands of users resume
    where the last invocation stopped.
+   With a pooled SKU (also granted by another subscription), only the users an operator named move
+   (``retry … --users-file``).
 3. Any user who could not be moved blocks the record (the old subscription stays active); otherwise ``reassigned``
    and the record goes on to the suspension.
 """
@@ -20,7 +22,7 @@ import json
 import logging
 from datetime import datetime, timedelta
 
-from .._client import PageRequest, deterministic_request_id
+from .._client import PageRequest, RequestAttempt
 from .._exceptions import PartnerCenterApiError, ProvisioningNotReadyError
 from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
@@ -54,16 +56,13 @@ async def run(work: Work) -> StepResult:
                               "old and new subscription grant the same product SKU; no user needs moving")
         return work.hand_over("reassigned")
 
-    # A new pass (after `retry`, or after suspend found the old license again) is a new logical operation and so
-    # gets new MS-RequestIds; retries within a pass reuse them.
-    license_pass = sum(1 for h in work.record.history if h.get("event") in ("old_sku_still_used", "retry"))
     budget = timedelta(seconds=work.settings.invocation_budget_seconds)
     page: PageRequest | None = (PageRequest.from_json(json.loads(work.record.users_cursor))
                                 if work.record.users_cursor else work.client.first_user_page(record.customer_id))
     while page is not None:
         if work.now() - started > budget:
             raise RetryLater("invocation budget reached; continuing from the saved users page", delay=0)
-        page = await _move_page(work, page, old_sku, new_sku, license_pass)
+        page = await _move_page(work, page, old_sku, new_sku)
         if work.record.is_final:
             return work.stop("blocked")
 
@@ -146,8 +145,7 @@ async def _sku_of(work: Work, subscription_id: str, *, old: bool) -> str | None:
     return None
 
 
-async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
-                     license_pass: int) -> PageRequest | None:
+async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str) -> PageRequest | None:
     """Move the holders of one users page; save the progress and the next page's cursor; return that cursor.
     Blocks the record (and returns ``None``) when the new SKU has too few free units."""
     record, client = work.record, work.client
@@ -180,24 +178,26 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
             raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
     moved = skipped = 0
     failures: list[str] = []
+    answers = await work.deps.ledger.user_answers(record, [user_id for user_id, _, _ in holders]) if holders else {}
     for user_id, upn, has_new in holders:
+        attempt = _license_attempt(work, user_id, answers.get(user_id.lower(), 0))
         try:
             answer = await client.update_user_licenses(
                 record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
-                request_id=deterministic_request_id("license", record.customer_id, record.subscription_id,
-                                                    user_id, str(license_pass)))
+                request_id=attempt)
         except PartnerCenterApiError as exc:
             if exc.status >= 500 or exc.status == 429:
-                raise
+                raise  # no answer seen (the client's retries ran out): the next delivery re-sends the same id
             failures.append(f"{upn or user_id}: {exc.description} (code {exc.code})")
-            await work.deps.ledger.record_user(record, UserOutcome(user_id, "failed", str(exc), upn))
+            await work.deps.ledger.record_user(record, UserOutcome(user_id, "failed", str(exc), upn,
+                                                                   answers=attempt.attempt + 1))
             continue
         moved += not has_new
         skipped += has_new
         # licenseWarnings come with a successful update: kept with the user's outcome for the operator.
         warned = "; ".join(f"license warning {w.code}: {w.message}" for w in answer.warnings) or None
         await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", warned,
-                                                               upn))
+                                                               upn, answers=attempt.attempt + 1))
     latest = work.record
     await work.checkpoint(
         users_moved=latest.users_moved + moved, users_skipped=latest.users_skipped + skipped,
@@ -207,14 +207,29 @@ async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str,
     return next_page
 
 
+def _license_attempt(work: Work, user_id: str, answers: int) -> RequestAttempt:
+    """The MS-RequestId of this user's next license update, by the documented rule (headers page: the same id only
+    to retry after a timeout or lost answer; a new one after any response): the attempt number is the count of
+    answers recorded with the user's outcome, moved past any id this process already saw answered (an answer whose
+    outcome was not recorded yet, e.g. an access stop or a duplicate delivery)."""
+    record = work.record
+    attempt = RequestAttempt("license", (record.customer_id, record.subscription_id, user_id.lower()), answers)
+    while work.client.was_answered(attempt):
+        attempt = attempt.next()
+    return attempt
+
+
 async def _holders(work: Work, users: list[CustomerUser], old_sku: str,
                    new_sku: str) -> list[tuple[str, str | None, bool]]:
     """(user id, UPN, already has the new SKU) of the users on this page who hold the old SKU. Licenses are read
     concurrently; the client paces them."""
     semaphore = asyncio.Semaphore(work.settings.max_concurrency)
     customer_id = work.record.customer_id
+    named = work.record.named_users  # pooled SKU: the operator said who belongs to the retiring subscription
 
     async def inspect(user: CustomerUser) -> tuple[str, str | None, bool] | None:
+        if named is not None and (user.user_principal_name or "").lower() not in named:
+            return None
         async with semaphore:
             licenses = await work.client.get_user_licenses(customer_id, user.id)
         skus = {lic.product_sku.id.lower() for lic in licenses}

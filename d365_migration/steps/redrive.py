@@ -8,13 +8,15 @@ Read top to bottom:
    attempt and buy again with the current ``REPLACEMENT_OFFERS`` (the tag search still prevents a second purchase).
 3. Pick the state to resume at from what is recorded: no replacement yet → the purchase (``purchasing`` if a cart or
    order exists, else ``detected``); a replacement → the license move (``reassigning`` once SKUs are known).
-4. Save that state (lease cleared, a fresh provisioning clock for a purchase, ``--buy-anyway`` remembered) and queue
+4. Save that state (lease cleared, a fresh provisioning clock for a purchase, ``--buy-anyway`` remembered, the
+   operator's list of who moves for a pooled SKU — ``--users-file``, never more than the old quantity) and queue
    the message of the step that owns it (:data:`~d365_migration.steps.STEP_FOR_STATE`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -41,15 +43,18 @@ class RedriveResult:
     record: MigrationRecord | None = None
     previous_state: str | None = None
     message: StepMessage | None = None
+    refused: str | None = None  # bad operator input: nothing was changed
 
     @property
     def exit_code(self) -> int:
-        return 2 if self.record is None else 0
+        return 2 if self.record is None or self.refused else 0
 
     def describe(self) -> str:
         record = self.record
         if record is None:
             return f"no record for {self.target}"
+        if self.refused:
+            return f"not re-driven {record.customer_id}/{record.subscription_id}: {self.refused}"
         if self.message is None:
             return f"record {record.customer_id}/{record.subscription_id} is {record.state}; nothing to re-drive"
         return (f"re-driven {record.customer_id}/{record.subscription_id}: {self.previous_state} → {record.state}; "
@@ -64,8 +69,10 @@ def resume_state(record: MigrationRecord) -> str:
 
 
 async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_anyway: bool = False,
-                  clock: Callable[[], datetime] = utcnow) -> RedriveResult:
-    """Re-drive the ``blocked`` or ``failed`` record ``target`` names. Safe to run twice.
+                  moving_users: Sequence[str] | None = None, clock: Callable[[], datetime] = utcnow) -> RedriveResult:
+    """Re-drive the ``blocked`` or ``failed`` record ``target`` names. Safe to run twice. ``moving_users`` (user
+    principal names) says which holders of a pooled product SKU belong to the retiring subscription: only they move,
+    and there may not be more of them than the old subscription's quantity.
 
     :raises ConcurrencyConflict: the record changed while being re-driven (run it again).
     :raises LedgerError: the ledger could not be read or written.
@@ -79,6 +86,18 @@ async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_
     if record.state not in ("failed", "blocked"):
         return RedriveResult(target, record)
     previous = record.state
+    named = record.moving_users
+    if moving_users is not None:
+        upns = sorted({u.strip().lower() for u in moving_users if u.strip()})
+        bad = [u for u in upns if "@" not in u]
+        if not upns or bad:
+            problem = "it is empty" if not upns else "not UPNs: " + ", ".join(bad[:5])
+            return RedriveResult(target, record, refused="the users file must list user principal names "
+                                 f"(name@domain), one a line; {problem}")
+        if len(upns) > record.quantity:
+            return RedriveResult(target, record, refused=f"the users file names {len(upns)} users but the old "
+                                 f"subscription accounts for only {record.quantity}; list at most that many")
+        named = json.dumps(upns)
     if previous == "failed" and record.history and record.history[-1].get("event") in REFUSED_PURCHASE_EVENTS:
         record = replace(record, replacement_offer_id=None, cart_id=None, order_id=None, order_attempted_at=None,
                          purchase_started_at=None)
@@ -89,8 +108,10 @@ async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_
     restarted = now.isoformat() if owner_of(state) == "purchase" and record.purchase_started_at else None
     updated = await ledger.save(replace(
         record, lease_owner=None, lease_until=None, buy_anyway=record.buy_anyway or buy_anyway,
-        purchase_started_at=restarted or record.purchase_started_at,
-    ).transition(state, "retry", f"re-driven by an operator from {previous}", at=now))
+        purchase_started_at=restarted or record.purchase_started_at, moving_users=named,
+    ).transition(state, "retry", f"re-driven by an operator from {previous}"
+                 + (f"; {len(json.loads(named))} named users move" if named and moving_users is not None else ""),
+                 at=now))
     message = message_for(updated)
     assert message is not None, "a resume state is always owned by a step"
     await queues.send(message.queue, message.to_json())

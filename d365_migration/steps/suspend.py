@@ -7,15 +7,21 @@ Read top to bottom, for one ``reassigned`` record:
    times before a human must look).
 2. The old subscription is already not active → completed, no PATCH sent.
 3. PATCH the whole subscription resource with ``status: suspended`` and ``If-Match`` (a partial body would reset
-   other fields); a changed ETag means re-read and try again. Verified suspended → ``completed``.
+   other fields); a changed ETag means re-read and try again. Verified suspended → ``completed``. ``400 800091``
+   ("can't update subscription with suspended status", e.g. our earlier PATCH whose answer was lost) → re-read and
+   complete if it is suspended.
+
+Request ids follow the documented rule: the recorded ``suspend_attempt`` is bumped after every answer, so only a
+PATCH whose answer was lost is re-sent with the same ``MS-RequestId``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .._client import deterministic_request_id
-from .._exceptions import PreconditionFailedError
+from .._client import RequestAttempt
+from .._exceptions import PreconditionFailedError, SubscriptionSuspendedError
+from .._models import Subscription
 from ._policy import ETAG_CHANGED_DELAY_SECONDS, MAX_REASSIGN_TRIPS
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
@@ -45,7 +51,10 @@ async def run(work: Work) -> StepResult:
     if old_sku_id != (record.new_sku_id or "").lower():
         skus = {s.product_sku.id.lower(): s for s in await client.list_subscribed_skus(record.customer_id)}
         old = skus.get(old_sku_id)
-        if old is not None and old.consumed_units > 0:
+        # Pooled SKU with named users: the holders left must be the other subscriptions' (fit in their units).
+        others_units = (max(0, old.active_units - record.quantity)
+                        if old is not None and record.named_users is not None else 0)
+        if old is not None and old.consumed_units > others_units:
             trips = sum(1 for h in record.history if h.get("event") == "old_sku_still_used")
             if trips >= MAX_REASSIGN_TRIPS:
                 await work.transition(
@@ -55,7 +64,7 @@ async def run(work: Work) -> StepResult:
                 return work.stop("blocked")
             # Someone gave a user the old license again (or a move did not stick): move them first.
             await work.transition("reassigning", "old_sku_still_used",
-                                  f"{old.consumed_units} user(s) still hold the old SKU")
+                                  f"{old.consumed_units - others_units} user(s) still hold the old SKU")
             return work.hand_over("back to reassign")
 
     old_sub = await client.get_subscription(record.customer_id, record.subscription_id)
@@ -64,13 +73,23 @@ async def run(work: Work) -> StepResult:
                               f"old subscription already {old_sub.status}; no PATCH sent")
         return work.stop("completed")
     try:
-        updated = await client.update_subscription(
-            record.customer_id, old_sub, status="suspended",
-            request_id=deterministic_request_id("suspend", record.customer_id, record.subscription_id,
-                                                old_sub.etag or ""))
+        updated = await _patch_suspended(work, old_sub)
     except PreconditionFailedError:
         raise RetryLater("old subscription changed while suspending; re-reading",
                          delay=ETAG_CHANGED_DELAY_SECONDS) from None
+    except SubscriptionSuspendedError as exc:
+        # 400 800091: the subscription is suspended already — typically our own earlier PATCH, applied without us
+        # seeing the answer. Re-read: complete if suspended, else say what Partner Center answered.
+        check = await client.get_subscription(record.customer_id, record.subscription_id)
+        if check.status != "suspended":
+            await work.transition("blocked", "suspend_refused",
+                                  f"Partner Center refused the suspension (HTTP {exc.status} code {exc.code}): "
+                                  f"{exc.description}; the subscription reads {check.status}")
+            return work.stop("blocked")
+        await work.transition("completed", "old_suspended",
+                              f"old subscription suspended (400 {exc.code} on a repeated PATCH: already suspended); "
+                              f"replacement {record.new_subscription_id}")
+        return work.stop("completed")
     if updated.status != "suspended":
         check = await client.get_subscription(record.customer_id, record.subscription_id)
         if check.status != "suspended":
@@ -78,3 +97,22 @@ async def run(work: Work) -> StepResult:
     await work.transition("completed", "old_suspended",
                           f"old subscription suspended; replacement {record.new_subscription_id}")
     return work.stop("completed")
+
+
+async def _patch_suspended(work: Work, old_sub: Subscription) -> Subscription:
+    """PATCH ``status: suspended`` with the record's current request attempt; after any answer (success, 202,
+    409, 412, 400 …) the recorded attempt is bumped, so the next PATCH gets a new ``MS-RequestId``.
+
+    :raises PreconditionFailedError: the ETag is stale.
+    :raises SubscriptionSuspendedError: ``400 800091``.
+    :raises UpdatePendingError: an update is still pending, or the 202 is not visible yet.
+    """
+    record, client = work.record, work.client
+    attempt = RequestAttempt("suspend", (record.customer_id, record.subscription_id), record.suspend_attempt)
+    while client.was_answered(attempt):  # an answer this process saw but the ledger does not hold yet
+        attempt = attempt.next()
+    try:
+        return await client.update_subscription(record.customer_id, old_sub, status="suspended", request_id=attempt)
+    finally:
+        if client.was_answered(attempt):
+            await work.checkpoint(suspend_attempt=attempt.attempt + 1)

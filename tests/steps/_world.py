@@ -102,9 +102,9 @@ class Clock:
 
 @contextlib.asynccontextmanager
 async def service(url: str, storage: str, *, clock: Callable[[], datetime] | None = None,
-                  **overrides: str) -> AsyncIterator[MigrationService]:
+                  client_options: dict[str, Any] | None = None, **overrides: str) -> AsyncIterator[MigrationService]:
     settings = Settings.from_env(env_for(url, storage, **overrides))
-    svc = build_service(settings, max_attempts=2, backoff_base=0.01)
+    svc = build_service(settings, max_attempts=2, backoff_base=0.01, **(client_options or {}))
     if not settings.dry_run and not settings.customer_allowlist:
         # DRY_RUN=false alone no longer goes live (issue 11): go live for every customer the way a partner does.
         await go_live(RolloutStore(svc.ledger.table_client), settings, by="tests", all_customers=True)
