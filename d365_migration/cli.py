@@ -41,6 +41,27 @@ def _console(file: TextIO | None = None) -> Any:
 # ---------------------------------------------------------------------------------------------------- plan
 
 
+async def _scope_for_plan(settings: Settings) -> Callable[[str], bool]:
+    """Who is in the rollout's scope, as the purchase step will decide it: the *stored* rollout controls when a
+    ledger is configured (read only, nothing is seeded), else the app settings (no storage: a plan from a laptop)."""
+    from ._app import storage_clients
+    from ._exceptions import LedgerError
+    from ._rollout import RolloutStore, load_effective_controls
+
+    if not (settings.storage_connection or (settings.storage_queue_uri and settings.storage_table_uri)):
+        return settings.customer_in_scope
+    ledger, queues = storage_clients(settings)
+    try:
+        controls = await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
+    except LedgerError as exc:
+        print(f"warning: rollout controls not readable ({exc}); scope from the app settings", file=sys.stderr)
+        return settings.customer_in_scope
+    finally:
+        ledger.close()
+        queues.close()
+    return controls.customer_in_scope
+
+
 async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
@@ -53,6 +74,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     from .steps._quantity import POLICY_TEXT, count_holders
 
     catalog = RetiredOfferCatalog.load(settings.retired_offers_extra)
+    in_rollout_scope = await _scope_for_plan(settings)
     policy = settings.replacement_quantity_policy
     rows: list[dict[str, Any]] = []
     left: list[dict[str, Any]] = []
@@ -76,7 +98,7 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                 skus = (await client.list_subscribed_skus(scan.customer.id)
                         if scan.candidates and policy == "license_holders" else [])
                 for c in scan.candidates:
-                    in_scope = settings.customer_in_scope(c.customer.id)
+                    in_scope = in_rollout_scope(c.customer.id)
                     replacement = settings.replacement_offers.lookup(c.offer.family, c.offer.audience)
                     row = {
                         "customerId": c.customer.id.lower(), "customerName": c.customer.company_name,

@@ -159,3 +159,30 @@ def test_plan_shows_the_quantity_policy_and_what_it_buys(seeded: Any, monkeypatc
     assert any(m["quantityToBuy"] != m["quantity"] for m in plan["migrations"])  # the policy changed something
     code, table = cli("plan")
     assert code == 0 and "REPLACEMENT_QUANTITY_POLICY=license_holders" in table and "to buy" in table
+
+
+def test_plan_takes_the_rollout_scope_from_the_stored_controls(seeded: Any, storage: str) -> None:
+    """The app settings are only first-deploy defaults: with controls stored in the ledger, `plan` says in scope
+    exactly who the purchase step would buy for."""
+    from d365_migration._ledger import MigrationLedger
+    from d365_migration._rollout import RolloutStore, controls_from_settings
+    from d365_migration._settings import Settings
+
+    plan = json.loads(cli("plan", "--json")[1])
+    customers = sorted({m["customerId"] for m in plan["migrations"]})
+    assert len(customers) >= 2
+    chosen = customers[0]
+
+    async def store_allowlist() -> None:
+        ledger = MigrationLedger.from_connection_string(storage)
+        try:
+            await RolloutStore(ledger.table_client).change(
+                lambda c: replace(c, live=True, allowlist=frozenset({chosen.lower()}), all_customers=False),
+                by="tests", action="set", reason=None, defaults=controls_from_settings(Settings.from_env()))
+        finally:
+            ledger.close()
+
+    asyncio.run(store_allowlist())
+    plan = json.loads(cli("plan", "--json")[1])
+    skipped = {m["customerId"] for m in plan["migrations"] if m["action"] == "skip: customer not in scope"}
+    assert skipped == set(customers) - {chosen}
