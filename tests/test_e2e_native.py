@@ -13,6 +13,7 @@ import pytest
 from d365_migration import Settings
 from d365_migration._app import read_records
 from d365_tooling.demo import run_pipeline, verify_world
+from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.sandbox import DEMO_REPLACEMENT_OFFERS, SandboxConfig, SandboxServer, SandboxState, seed_world
 from d365_tooling.sandbox._transitions import native_operations
 
@@ -42,6 +43,7 @@ async def test_mixed_tenant_native_and_runbook(storage: str, monkeypatch: pytest
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         settings = Settings.from_env()
+        go_live_for_every_customer(storage)  # DRY_RUN=false alone does not go live: the stored controls decide
         await run_pipeline(settings, env, timeout=120, host_overrides=HOST)
         records = await read_records(settings)
         assert {r.state for r in records} == {"completed"}, [(r.offer_name, r.state, r.history[-3:]) for r in records
