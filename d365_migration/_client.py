@@ -78,6 +78,7 @@ from ._models import (
     SubscribedSku,
     Subscription,
     UpdateAccepted,
+    collection_items,
     get_ci,
 )
 from ._native_client import _TransitionOps
@@ -581,7 +582,7 @@ class _SubscriptionOps(_ClientBase):
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/subscriptions"
         params = {"order_id": order_id} if order_id else None
         body = await self.request("GET", path, params=params)
-        return [Subscription.parse(item) for item in _items(body, "subscriptions", path)]
+        return [Subscription.parse(item) for item in collection_items(body, "subscriptions", path)]
 
     async def get_subscription(self, customer_id: str, subscription_id: str) -> Subscription:
         path = self._sub_path(customer_id, subscription_id)
@@ -711,7 +712,7 @@ class _PurchaseOps(_ClientBase):
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/orders"
         body = await self.request("GET", path)
         orders = []
-        for item in _items(body, "orders", path):
+        for item in collection_items(body, "orders", path):
             try:
                 orders.append(Order.parse(item))
             except MalformedResponseError:
@@ -745,7 +746,7 @@ class _PurchaseOps(_ClientBase):
             params["targetSegment"] = target_segment
         body = await self.request("GET", path, params=params)
         out = []
-        for item in _items(body, "availabilities", path):
+        for item in collection_items(body, "availabilities", path):
             try:
                 out.append(Availability.parse(item))
             except MalformedResponseError:
@@ -844,12 +845,12 @@ class _UserOps(_ClientBase):
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/users/"
                 f"{_segment(user_id, 'user id')}/licenses")
         body = await self.request("GET", path)
-        return [License.parse(item) for item in _items(body, "licenses", path)]
+        return [License.parse(item) for item in collection_items(body, "licenses", path)]
 
     async def list_subscribed_skus(self, customer_id: str) -> list[SubscribedSku]:
         path = f"/v1/customers/{_segment(customer_id, 'customer id')}/subscribedskus"
         body = await self.request("GET", path)
-        return [SubscribedSku.parse(item) for item in _items(body, "subscribedskus", path)]
+        return [SubscribedSku.parse(item) for item in collection_items(body, "subscribedskus", path)]
 
     async def update_user_licenses(self, customer_id: str, user_id: str, *, assign: Sequence[str],
                                    remove: Sequence[str], request_id: RequestIdLike) -> LicenseUpdateResult:
@@ -1070,17 +1071,6 @@ def _api_error(response: httpx.Response, method: str, path: str, *,
             return denied
     cls = map_error(status, code, uncertain_write=uncertain_write)
     return cls(status, code, description, method=method, path=path, data=data, error_name=error_name)
-
-
-def _items(body: Any, what: str, path: str) -> list[Any]:
-    if not isinstance(body, Mapping):
-        raise MalformedResponseError(f"{what} response is not a JSON object", method="GET", path=path)
-    items = get_ci(body, "items")
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise MalformedResponseError(f"{what} 'items' is not a list", method="GET", path=path)
-    return items
 
 
 def _next_page(body: Mapping[str, Any], page: PageRequest) -> PageRequest | None:

@@ -35,6 +35,7 @@ __all__ = [
     "SubscribedSku",
     "Subscription",
     "UpdateAccepted",
+    "collection_items",
     "get_ci",
     "parse_datetime",
     "same_id",
@@ -484,3 +485,18 @@ class SubscribedSku:
             consumed_units=_opt_int(obj, "consumedUnits"),
             total_units=_opt_int(obj, "totalUnits"),
         )
+
+
+def collection_items(body: Any, what: str, path: str) -> list[Any]:
+    """The ``items`` of a Partner Center collection answer (none → ``[]``).
+
+    :raises MalformedResponseError: the answer is not an object, or ``items`` is not a list.
+    """
+    if not isinstance(body, Mapping):
+        raise MalformedResponseError(f"{what} response is not a JSON object", method="GET", path=path)
+    items = get_ci(body, "items")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise MalformedResponseError(f"{what} 'items' is not a list", method="GET", path=path)
+    return items

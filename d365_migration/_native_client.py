@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import MalformedResponseError
-from ._models import get_ci
+from ._models import collection_items, get_ci
 
 if TYPE_CHECKING:
     from ._client import RequestIdLike
@@ -214,17 +214,6 @@ class UpgradeResult:
         )
 
 
-def _items(body: Any, what: str, path: str) -> list[Any]:
-    if not isinstance(body, Mapping):
-        raise MalformedResponseError(f"{what} response is not a JSON object", method="GET", path=path)
-    items = get_ci(body, "items")
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise MalformedResponseError(f"{what} 'items' is not a list", method="GET", path=path)
-    return items
-
-
 class _TransitionOps:
     """Native paths: eligibility (read-only), transitions and upgrades (writes with a :class:`RequestAttempt`)."""
 
@@ -242,7 +231,8 @@ class _TransitionOps:
         :raises PartnerCenterError: typed by the client's error table."""
         path = self._sub_path(customer_id, subscription_id) + "/transitionEligibilities"
         body = await self.request("GET", path, params={"eligibilityType": "immediate"})
-        return [o for item in _items(body, "transition eligibilities", path) for o in TransitionOption.parse_all(item)]
+        return [o for item in collection_items(body, "transition eligibilities", path)
+                for o in TransitionOption.parse_all(item)]
 
     async def create_transition(self, customer_id: str, subscription_id: str, *, to_catalog_item_id: str,
                                 quantity: int, transition_type: str, request_id: RequestIdLike) -> Transition:
@@ -258,12 +248,12 @@ class _TransitionOps:
     async def list_transitions(self, customer_id: str, subscription_id: str) -> list[Transition]:
         """``GET …/transitions``: the subscription's transition history with its events."""
         path = self._sub_path(customer_id, subscription_id) + "/transitions"
-        return [Transition.parse(i) for i in _items(await self.request("GET", path), "transitions", path)]
+        return [Transition.parse(i) for i in collection_items(await self.request("GET", path), "transitions", path)]
 
     async def get_upgrade_options(self, customer_id: str, subscription_id: str) -> list[UpgradeOption]:
         """``GET …/upgrades`` (traditional subscriptions)."""
         path = self._sub_path(customer_id, subscription_id) + "/upgrades"
-        return [UpgradeOption.parse(i) for i in _items(await self.request("GET", path), "upgrades", path)]
+        return [UpgradeOption.parse(i) for i in collection_items(await self.request("GET", path), "upgrades", path)]
 
     async def create_upgrade(self, customer_id: str, subscription_id: str, option: UpgradeOption, *,
                              request_id: RequestIdLike) -> UpgradeResult:
