@@ -330,6 +330,14 @@ class MigrationLedger:
             records = [r for r in records if r.state in states]
         return sorted(records, key=lambda r: (r.customer_id, r.subscription_id))
 
+    async def customer_records(self, customer_id: str) -> list[MigrationRecord]:
+        """Every migration record of one customer (one partition): what the customer's other migrations have
+        already claimed (orders, subscriptions) when a step looks for what an earlier attempt of its own did."""
+        await self.ensure_table()
+        pk = customer_id.strip().lower().replace("'", "''")
+        query = f"PartitionKey eq '{pk}' and Kind eq 'migration'"
+        return await self._run(lambda: list(self._iter_records(query)))
+
     async def record_user(self, record: MigrationRecord, outcome: UserOutcome) -> None:
         await self.ensure_table()
         pk, rk = record.key

@@ -38,6 +38,7 @@ __all__ = [
     "collection_items",
     "get_ci",
     "parse_datetime",
+    "product_key",
     "same_id",
 ]
 
@@ -126,6 +127,12 @@ def same_id(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a.strip().lower() == b.strip().lower()
 
 
+def product_key(offer_or_catalog_item_id: str) -> str:
+    """What a purchase, subscription or native target is matched on: ``productId:skuId`` for new commerce (the
+    availability part of a catalog item id rotates) or the legacy offer GUID; lower-case."""
+    return ":".join(offer_or_catalog_item_id.strip().lower().split(":")[:2])
+
+
 #: ``commitmentEndDate`` in this year or later is "a date far, far away in the future" (subscription-resources), not
 #: a real end date; take the end from provisioning status ``endDate`` instead, or list it as "end date unknown".
 FAR_FUTURE_YEAR = 9999
@@ -184,7 +191,7 @@ class Subscription:
         """New commerce: ``productId:skuId`` (lower-case; the availability part rotates); legacy: the offer GUID."""
         if not self.offer_id:
             return None
-        return ":".join(self.offer_id.strip().lower().split(":")[:2])
+        return product_key(self.offer_id)
 
     @classmethod
     def parse(cls, data: Any) -> Subscription:
@@ -221,7 +228,7 @@ class OrderLineItem:
     @property
     def product_key(self) -> str | None:
         """Like :attr:`Subscription.product_key`: ``productId:skuId`` or the legacy offer GUID, lower-case."""
-        return ":".join(self.offer_id.strip().lower().split(":")[:2]) if self.offer_id else None
+        return product_key(self.offer_id) if self.offer_id else None
 
 
 @dataclass(frozen=True)
@@ -235,7 +242,7 @@ class Order:
         """Does this order buy ``quantity`` of the offer (legacy GUID) or product SKU (``productId:skuId``, any
         availability), created after ``created_after``? The tag-free way to find a purchase after a lost answer:
         new commerce puts the product name, not ours, into the order's ``friendlyName`` (checkout-a-cart)."""
-        key = ":".join(offer_or_product.strip().lower().split(":")[:2])
+        key = product_key(offer_or_product)
         if created_after is not None and (self.created is None or self.created < created_after):
             return False
         return any(li.product_key == key and li.quantity == quantity for li in self.line_items)

@@ -127,6 +127,20 @@ class Work:
     def log(self, level: int, text: str, *args: object) -> None:
         log_record(self.record, level, text, *args)
 
+    async def claimed_by_others(self) -> frozenset[str]:
+        """The order and subscription ids (lower-case) that the customer's *other* migrations have recorded.
+
+        A purchase or native move found without our tag (by product, quantity and time) must not be one another
+        migration of the same customer already owns: two retiring subscriptions of one customer often have the
+        same replacement, and adopting the other's would leave one of them with no seats of its own.
+        """
+        claimed: set[str] = set()
+        for other in await self.deps.ledger.customer_records(self.record.customer_id):
+            if other.key == self.record.key:
+                continue
+            claimed.update(i.lower() for i in (other.order_id, other.new_subscription_id) if i)
+        return frozenset(claimed)
+
     # --- how a step ends
 
     def hand_over(self, note: str) -> StepResult:

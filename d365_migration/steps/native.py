@@ -4,16 +4,21 @@ with ONE transition or upgrade *with license transfer*; the record then rejoins 
 Worked from the purchase queue (``native_pending`` / ``native_moving`` are routed to the purchase step, which hands
 them here). Read top to bottom, for one record:
 
-1. **Route** (:func:`route`, called by the purchase step before it would buy, record ``detected``): under
-   ``MIGRATION_PATH_POLICY`` ``prefer_native`` / ``native_only`` ask Partner Center (read-only eligibility calls,
-   :func:`~d365_migration._native_path.choose_path`). A native path with license transfer to the configured product →
-   ``native_pending``; none under ``native_only`` → ``blocked`` with the eligibility reasons verbatim, nothing bought;
-   none under ``prefer_native`` → the runbook (``migration_path=runbook`` is recorded so the choice is not re-asked).
+1. **Route** (:func:`route`, called by the purchase step for a ``detected`` record once the old subscription still
+   qualifies and no replacement was bought by hand): under ``MIGRATION_PATH_POLICY`` ``prefer_native`` /
+   ``native_only`` ask Partner Center (read-only eligibility calls, :func:`~d365_migration._native_path.choose_path`).
+   A native path with license transfer to the configured product → the purchase step's pre-flight (a move creates and
+   bills the replacement; a pooled SKU blocks, as the transfer could carry users the retiring subscription does not
+   license) → ``native_pending``; none under ``native_only`` → ``blocked`` with the eligibility reasons verbatim,
+   nothing bought; none under ``prefer_native`` → the runbook (``migration_path=runbook`` is recorded so the choice is
+   not re-asked). Users named by an operator (``retry --users-file``) can only be moved by the runbook.
 2. **Act once** (``native_pending``): the holders of the old SKU are written to the ledger (per-user rows) and the
    attempt (``native_attempted_at``, ``native_request_id``) is recorded BEFORE the POST; the ``MS-RequestId`` is a
    :class:`~d365_migration._client.RequestAttempt` (same id only to resend after a lost answer; the attempt number is
    bumped after every answer seen). After a lost answer, the subscription's transitions (``GET …/transitions``) or
-   its subscriptions (upgrade) are read first; only if nothing shows is the same request sent again.
+   the subscription of the upgrade's target offer created since the attempt (and claimed by no other migration) are
+   looked for; the same request is sent again only if nothing shows for ``NATIVE_LOST_ANSWER_WAIT`` and the old
+   subscription is still active (once it is not, something happened and nothing is ever re-sent).
 3. **Rejected** (Partner Center said no): if nothing changed (no transition, old subscription still active) and the
    policy is ``prefer_native`` the record falls back to the runbook (``detected``, ``migration_path=runbook``);
    otherwise ``blocked`` with Partner Center's code and text.
@@ -37,10 +42,12 @@ from datetime import datetime, timedelta
 from .._client import RequestAttempt
 from .._exceptions import ClientError, NotFoundError, PartnerCenterApiError, ResponseLostError, UncertainWriteError
 from .._ledger import UserOutcome
-from .._models import Subscription, same_id
+from .._models import Subscription, product_key, same_id
 from .._native_client import Transition, UpgradeOption, UpgradeResult
 from .._native_path import choose_path, parse_path_policy
 from .._settings import ReplacementTarget, is_guid
+from ._policy import CLOCK_SKEW, NATIVE_LOST_ANSWER_WAIT
+from ._preflight import preflight
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["NATIVE_STATES", "route", "run"]
@@ -53,34 +60,37 @@ LOST_ANSWER_DELAY_SECONDS = 5
 _HOLDER = "native_holder"  # per-user ledger outcome: held the old SKU right before the native move
 
 
-def _product_key(item_id: str) -> str:
-    return ":".join(item_id.strip().lower().split(":")[:2])
-
-
 def _target(work: Work) -> ReplacementTarget | None:
     return work.settings.replacement_offers.target(work.record.family or "", work.record.audience or "")
 
 
-async def route(work: Work) -> StepResult | None:
-    """Called by the purchase step before it would buy (record ``detected``) and for a record on the native path:
-    the native step's result when the record goes (or went) the native way or is blocked; ``None`` when the runbook
-    buys — also after a refused native move fell back to it, in the same invocation (the purchase queue's function
-    has no output binding to its own queue).
+async def route(work: Work, old: Subscription) -> StepResult | None:
+    """Called by the purchase step for a ``detected`` record once the old subscription ``old`` is known to still
+    qualify (active, not auto-renewing, nothing bought by hand since detection), before it would buy: the native
+    step's result when the record goes the native way or is blocked; ``None`` when the runbook buys — also after a
+    refused native move fell back to it, in the same invocation (the purchase queue's function has no output binding
+    to its own queue).
 
     :raises RetryLater: the native move is in progress, or its answer was lost.
-    :raises PartnerCenterError: reading the old subscription failed (eligibility failures count as "no path")."""
+    :raises PartnerCenterError: a read failed after the client's retries (eligibility failures count as "no path")."""
     record = work.record
-    if record.state in NATIVE_STATES:
-        return await run(work)
-    if record.state != "detected":
-        return None
     policy = parse_path_policy(work.settings.migration_path_policy)
     target = _target(work)
     if policy == "runbook_only" or record.migration_path == "runbook" or target is None:
         return None
-    old = await work.client.get_subscription(record.customer_id, record.subscription_id)
-    if old.status != "active" or old.auto_renew:
-        return None  # the purchase step blocks it with its own words (no longer qualifies)
+    if record.named_users is not None:
+        # Pooled SKU, and an operator named who belongs to the retiring subscription (`retry --users-file`): Partner
+        # Center's license transfer moves whom it moves, so only the runbook can move exactly those users.
+        why = ("an operator named the users who move (retry --users-file, pooled product SKU); a native license "
+               "transfer cannot be limited to them")
+        if policy == "native_only":
+            await work.transition("blocked", "no_native_path",
+                                  f"MIGRATION_PATH_POLICY=native_only but {why}; nothing bought. Set "
+                                  "MIGRATION_PATH_POLICY=prefer_native (or runbook_only), then "
+                                  "`python -m d365_migration retry`")
+            return work.stop("blocked")
+        await work.transition("detected", "path_runbook", why, migration_path="runbook")
+        return None
     choice = await choose_path(work.client, record.customer_id, old, target, policy=policy)
     if choice.kind == "blocked":
         await work.transition("blocked", "no_native_path", choice.reason + "; nothing bought")
@@ -88,11 +98,16 @@ async def route(work: Work) -> StepResult | None:
     if not choice.native:
         await work.transition("detected", "path_runbook", choice.reason, migration_path="runbook")
         return None
+    quantity = old.quantity or record.quantity
+    # A native move creates (and bills) the replacement as surely as a purchase: the same pre-flight first (users,
+    # provisioning status and subscribed SKUs readable; the old SKU known; its holders fit the old quantity — more
+    # holders means a pooled SKU, and the transfer could carry users the retiring subscription does not license).
+    if not await preflight(work, quantity=quantity):
+        return work.stop("blocked")
     native_target = (choice.transition.catalog_item_id if choice.transition is not None
                      else choice.upgrade.target_offer_id if choice.upgrade is not None else "")
     await work.transition("native_pending", "path_native", f"{choice.label}: {choice.reason}",
-                          migration_path=choice.kind, native_target=native_target,
-                          quantity=old.quantity or record.quantity,
+                          migration_path=choice.kind, native_target=native_target, quantity=quantity,
                           replacement_offer_id=native_target, purchase_started_at=work.now().isoformat())
     return await run(work)
 
@@ -127,10 +142,26 @@ async def _act_once(work: Work) -> None:
         # An earlier attempt got no answer we saw: find out what it did before ever sending again.
         if await _recover(work):
             return
-        work.log(logging.INFO, "event=native_resend nothing found after a lost answer; same MS-RequestId %s",
-                 record.native_request_id)
+        waited = work.now() - datetime.fromisoformat(record.native_attempted_at)
+        old = await work.client.get_subscription(record.customer_id, record.subscription_id)
+        if old.status != "active":
+            # Something happened to the old subscription (Partner Center suspends it when the move begins): never
+            # ask for the move again; look for what it created until the provisioning timeout.
+            if waited > timedelta(minutes=work.settings.provisioning_timeout_minutes):
+                await work.transition(
+                    "blocked", "native_lost_answer_unresolved",
+                    f"the native move's answer was lost and the old subscription is now {old.status}, but no "
+                    f"{record.migration_path} to {record.native_target} shows after "
+                    f"{work.settings.provisioning_timeout_minutes} min; nothing re-sent. Check the subscription in "
+                    "Partner Center")
+                return
+            raise RetryLater(f"native move's answer lost; old subscription {old.status}, looking for the move")
+        if waited < NATIVE_LOST_ANSWER_WAIT:
+            raise RetryLater("native move's answer lost; looking for it before anything is re-sent")
+        work.log(logging.INFO, "event=native_resend nothing found %s after a lost answer; same MS-RequestId %s",
+                 NATIVE_LOST_ANSWER_WAIT, record.native_request_id)
     else:
-        old_sku = await _old_sku(work)
+        old_sku = record.old_sku_id or await _old_sku(work)  # pre-flight recorded it
         if old_sku is None:
             raise RetryLater("old subscription's product SKU not readable yet")
         await _record_holders(work, old_sku)
@@ -190,14 +221,26 @@ async def _started(work: Work, new_subscription_id: str, what: str, operation_id
 
 
 async def _recover(work: Work) -> bool:
-    """After a lost answer: the move Partner Center made, if any, recorded as started. ``True`` when found."""
+    """After a lost answer: the move Partner Center made for this record, if any, recorded as started (``True``).
+
+    A transition is the source subscription's own history (``GET …/transitions``; one transition per source). An
+    upgrade leaves no history to read, so it is the subscription of the upgrade's target offer that appeared since
+    the attempt was recorded (the attempt is written before the POST) and that no other migration of the customer has
+    recorded as its own."""
     record = work.record
     if record.migration_path == "native_transition":
         for t in await work.client.list_transitions(record.customer_id, record.subscription_id):
-            if same_id(t.from_subscription_id, record.subscription_id) and t.to_subscription_id:
-                await _started(work, t.to_subscription_id, f"transition {t.id} (found after a lost answer)", t.id)
-                work.log(logging.WARNING, "event=native_recovered transition=%s", t.id)
+            if not (same_id(t.from_subscription_id, record.subscription_id) and t.to_subscription_id):
+                continue
+            if t.to_catalog_item_id and product_key(t.to_catalog_item_id) != product_key(record.native_target or ""):
+                await work.transition(
+                    "blocked", "native_other_transition",
+                    f"the old subscription was transitioned to {t.to_catalog_item_id} (transition {t.id}), not to "
+                    f"the configured {record.native_target}; check it in Partner Center")
                 return True
+            await _started(work, t.to_subscription_id, f"transition {t.id} (found after a lost answer)", t.id)
+            work.log(logging.WARNING, "event=native_recovered transition=%s", t.id)
+            return True
         return False
     found = await _upgraded_subscription(work)
     if found is not None:
@@ -208,13 +251,17 @@ async def _recover(work: Work) -> bool:
 
 
 async def _upgraded_subscription(work: Work) -> Subscription | None:
-    """A subscription of the upgrade's target offer created since detection (upgrades carry no tag)."""
+    """A subscription of the upgrade's target offer created since the attempt was recorded (upgrades carry no tag),
+    that is not another migration's; ``None`` before any attempt."""
     record = work.record
-    detected = datetime.fromisoformat(record.created_at) if record.created_at else None
+    if not record.native_attempted_at:
+        return None
+    since = datetime.fromisoformat(record.native_attempted_at) - CLOCK_SKEW
+    claimed = await work.claimed_by_others()
+    wanted = product_key(record.native_target or "")
     for sub in await work.client.list_subscriptions(record.customer_id):
-        if (not same_id(sub.id, record.subscription_id) and sub.offer_id
-                and _product_key(sub.offer_id) == _product_key(record.native_target or "")
-                and (detected is None or sub.created is None or sub.created >= detected - timedelta(minutes=5))):
+        if (not same_id(sub.id, record.subscription_id) and sub.id.lower() not in claimed
+                and sub.product_key == wanted and sub.created is not None and sub.created >= since):
             return sub
     return None
 
@@ -231,7 +278,10 @@ async def _changed_anything(work: Work) -> bool:
 
 
 async def _rejected(work: Work, why: str) -> None:
-    """Partner Center refused the move: back to the runbook only when nothing changed and the policy allows it."""
+    """Partner Center refused the move: back to the runbook only when nothing changed and the policy allows it. A
+    refusal of a move re-sent after a lost answer may be Partner Center saying the first one happened: look first."""
+    if work.record.native_attempt == 0 and await _recover(work):
+        return
     attempt = work.record.native_attempt + 1  # an answer was seen
     if parse_path_policy(work.settings.migration_path_policy) == "native_only":
         await work.transition("blocked", "native_rejected",

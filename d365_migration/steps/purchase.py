@@ -27,21 +27,22 @@ from .._exceptions import (
     PurchaseRejectedError,
 )
 from .._ledger import MigrationRecord
-from .._models import Order, Subscription, same_id
+from .._models import Order, Subscription, product_key, same_id
 from .._settings import ReplacementTarget
 from . import native
 from ._gate import purchase_allowed
-from ._policy import CHECKOUT_IN_PROGRESS_DELAY_SECONDS, ORDER_IN_PROGRESS_DELAY_SECONDS, ORDER_LIST_LAG
+from ._policy import (
+    CHECKOUT_IN_PROGRESS_DELAY_SECONDS,
+    CLOCK_SKEW,
+    ORDER_IN_PROGRESS_DELAY_SECONDS,
+    ORDER_LIST_LAG,
+)
 from ._preflight import preflight
 from ._quantity import replacement_quantity
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
-__all__ = ["CLOCK_SKEW", "friendly_name", "run"]
-
-# Partner Center's clock and ours may differ a little: an order found by product and quantity may carry a creation
-# time slightly before our recorded attempt.
-CLOCK_SKEW = timedelta(minutes=2)
+__all__ = ["friendly_name", "run"]
 
 
 async def run(work: Work) -> StepResult:
@@ -56,10 +57,10 @@ async def run(work: Work) -> StepResult:
     # The rollout gate comes first: a native transition or upgrade spends money too (it creates the replacement).
     if not await purchase_allowed(work):  # paused, dry run or out of scope: nothing bought, the record waits
         return work.stop("rollout paused")
-    # MIGRATION_PATH_POLICY: Partner Center's own move instead of buying (steps/native.py); None → the runbook buys.
-    routed = await native.route(work)
-    if routed is not None:
-        return routed
+    if record.state in native.NATIVE_STATES:  # Partner Center's own move is under way (steps/native.py)
+        moved = await native.run(work)
+        if moved is not None:
+            return moved  # (None: the move was refused with nothing changed; the runbook buys below)
     record = work.record
 
     replacement = work.settings.replacement_offers.lookup(record.family or "", record.audience or "")
@@ -72,8 +73,16 @@ async def run(work: Work) -> StepResult:
 
     listed: list[Subscription] | None = None
     if record.state == "detected":
-        listed = await _check_still_qualifies(work, replacement)
-        if listed is None:
+        qualified = await _check_still_qualifies(work, replacement)
+        if qualified is None:
+            return work.stop("blocked")
+        old, listed = qualified
+        # MIGRATION_PATH_POLICY: Partner Center's own move instead of buying, decided only now that the old
+        # subscription still qualifies and nothing was bought by hand; None → the runbook buys.
+        routed = await native.route(work, old)
+        if routed is not None:
+            return routed
+        if not await _start_purchase(work, replacement, old):
             return work.stop("blocked")
 
     await _recover_order(work)
@@ -112,10 +121,11 @@ def friendly_name(record: MigrationRecord) -> str:
     return f"Replacement for {(record.offer_name or 'retired offer')[:60]} [{record.tag}]"
 
 
-async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscription] | None:
-    """Right before buying: the old subscription must still qualify (a human may have renewed or suspended it since
-    detection) and no untagged replacement may have appeared. Returns the customer's subscriptions (read once for
-    both this check and the tagged search), or ``None`` after blocking the record."""
+async def _check_still_qualifies(work: Work, replacement: str) -> tuple[Subscription, list[Subscription]] | None:
+    """Right before buying (or moving natively): the old subscription must still qualify (a human may have renewed
+    or suspended it since detection) and no untagged replacement may have appeared. Returns the old subscription and
+    the customer's subscriptions (read once for both this check and the tagged search), or ``None`` after blocking
+    the record."""
     record = work.record
     # One listing of the customer's subscriptions carries the old one's status and auto-renew and serves both
     # replacement checks (one GET fewer per migration).
@@ -130,6 +140,10 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
         return None
     untagged = None if record.buy_anyway else _untagged_replacement(record, replacement, listed)
     if untagged is not None:
+        # Another migration of this customer may have bought the same product (new commerce names it after the
+        # product, not our tag): what the customer's other records own is theirs, not a purchase made by hand.
+        untagged = _untagged_replacement(record, replacement, listed, await work.claimed_by_others())
+    if untagged is not None:
         await work.transition(
             "blocked", "untagged_replacement_exists",
             f"subscription {untagged.id} of the replacement offer appeared after detection without this "
@@ -137,30 +151,32 @@ async def _check_still_qualifies(work: Work, replacement: str) -> list[Subscript
             "its friendly name and re-drive with `python -m d365_migration retry`; if not, re-drive with "
             "`retry --buy-anyway`")
         return None
+    return old, listed
+
+
+async def _start_purchase(work: Work, replacement: str, old: Subscription) -> bool:
+    """Choose the quantity, prove the migration can finish (pre-flight), then record the purchase as started.
+    ``False`` after blocking the record (nothing bought)."""
     quantity, how = await replacement_quantity(work, old)
     if not await preflight(work, quantity=quantity):
-        return None
+        return False
     await work.transition("purchasing", "purchase_started", f"buying {replacement} x{quantity}: {how}",
                           replacement_offer_id=replacement, quantity=quantity,
                           purchase_started_at=work.now().isoformat(), reseller_partner_id=old.partner_id or None)
-    return listed
+    return True
 
 
-def _product_key(offer_id: str) -> str:
-    """New commerce: productId:skuId (the availability part may differ between catalog and subscription);
-    legacy: the offer GUID."""
-    return ":".join(offer_id.strip().lower().split(":")[:2])
-
-
-def _untagged_replacement(record: MigrationRecord, replacement: str,
-                          listed: list[Subscription]) -> Subscription | None:
-    """A subscription of the replacement product created after detection without our tag: probably bought by hand
-    for this very migration. Buying again would make the customer pay twice, so a human decides."""
+def _untagged_replacement(record: MigrationRecord, replacement: str, listed: list[Subscription],
+                          claimed: frozenset[str] = frozenset()) -> Subscription | None:
+    """A subscription of the replacement product created after detection without our tag, and not recorded by
+    another migration of the customer (``claimed``: order and subscription ids): probably bought by hand for this
+    very migration. Buying again would make the customer pay twice, so a human decides."""
     detected = datetime.fromisoformat(record.created_at) if record.created_at else None
-    wanted = _product_key(replacement)
+    wanted = product_key(replacement)
     for sub in listed:
-        if (sub.offer_id and _product_key(sub.offer_id) == wanted and sub.status in ("active", "pending")
+        if (sub.product_key == wanted and sub.status in ("active", "pending")
                 and record.tag not in (sub.friendly_name or "")
+                and sub.id.lower() not in claimed and (sub.order_id or "").lower() not in claimed
                 and (detected is None or sub.created is None or sub.created >= detected)):
             return sub
     return None
@@ -219,8 +235,9 @@ async def _recover_order(work: Work) -> None:
     since = record.order_attempted_at or record.purchase_started_at
     if found is None and record.replacement_offer_id and since:
         after = datetime.fromisoformat(since) - CLOCK_SKEW
-        found = next((o for o in orders if o.matches(record.replacement_offer_id, record.quantity,
-                                                     created_after=after)), None)
+        claimed = await work.claimed_by_others()  # another migration's order of the same product is not ours
+        found = next((o for o in orders if o.id.lower() not in claimed
+                      and o.matches(record.replacement_offer_id, record.quantity, created_after=after)), None)
     if found is not None:
         await work.transition("purchasing", "order_found", f"order {found.id}", order_id=found.id,
                               purchase_attempt=record.purchase_attempt + 1)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState
+import pytest
+
+from d365_migration import MigrationService, StepMessage
+from d365_migration.steps._routes import message_for
+from d365_tooling.sandbox import SandboxConfig, SandboxServer, SandboxState, sku_for_offer
 from d365_tooling.sandbox._catalog import catalog_item
 from tests.steps._world import DEMO_REPLACEMENT_OFFERS, SALES, Tenant, detect, drive, mine, service
 
@@ -99,3 +103,76 @@ async def test_the_old_subscriptions_indirect_reseller_is_carried_to_the_purchas
     (p,) = mine(server.state, t)
     assert p.get("reseller_partner_id") == reseller, p
     assert catalog_item(p["offer_id"]) is not None and SALES.family == "sales"
+
+
+async def test_two_migrations_of_one_customer_to_one_product_each_keep_their_own_purchase(
+        state: SandboxState, storage: str) -> None:
+    """Two retiring subscriptions of one customer with the same replacement product and quantity. New commerce names
+    orders and subscriptions after the product, so neither is found by tag: the second must neither take the first's
+    purchase for a purchase made by hand (and block) nor adopt the first's order when it looks for its own."""
+    import json
+
+    from tests.steps._world import CE, end_in
+
+    t = Tenant(state, holders=2, quantity=3)
+    ce_holders = [t._user(f"ce{i}", [CE.sku.id.lower()], "US") for i in range(2)]
+    ce_sub = state.add_subscription(t.customer_id, offer=CE, quantity=3, commitment_end=end_in(20)).id.lower()
+    replacements = {family: dict(audiences) for family, audiences in DEMO_REPLACEMENT_OFFERS.items()}
+    replacements["customer_engagement"]["commercial"] = replacements["sales"]["commercial"]
+    config = SandboxConfig(nce_product_friendly_names=True)
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, REPLACEMENT_OFFERS=json.dumps(replacements)) as svc:
+            report = await detect(svc)
+            by_sub = {m.subscription_id.lower(): m for m in report.purchase_messages}
+            # The second starts buying (its worker dies before the cart), then the first buys and completes, then
+            # the second checks out and dies before recording its order: the first's order is of the same product
+            # and quantity, and newer than the second's recorded start.
+            create_cart = svc.client.create_cart
+
+            async def crash_before_the_cart(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("worker killed before the cart")
+
+            svc.client.create_cart = crash_before_the_cart  # type: ignore[method-assign]
+            with pytest.raises(RuntimeError):
+                await svc.run(by_sub[ce_sub])
+            svc.client.create_cart = create_cart  # type: ignore[method-assign]
+            started = await svc.ledger.get(t.customer_id, ce_sub)
+            assert started is not None and started.state == "purchasing" and started.order_id is None
+            await _until_final(svc, by_sub[t.subscription_id])
+            checkout = svc.client.checkout_cart
+
+            async def crash_after_checkout(*args: Any, **kwargs: Any) -> Any:
+                await checkout(*args, **kwargs)
+                raise RuntimeError("worker killed after the checkout, before recording its order")
+
+            svc.client.checkout_cart = crash_after_checkout  # type: ignore[method-assign]
+            with pytest.raises(RuntimeError):
+                await svc.run(by_sub[ce_sub])
+            svc.client.checkout_cart = checkout  # type: ignore[method-assign]
+            await _until_final(svc, by_sub[ce_sub])
+            first = await svc.ledger.get(t.customer_id, t.subscription_id)
+            second = await svc.ledger.get(t.customer_id, ce_sub)
+    assert first is not None and first.state == "completed", first
+    assert second is not None and second.state == "completed", second
+    assert first.order_id and second.order_id and first.order_id.lower() != second.order_id.lower()
+    assert first.new_subscription_id != second.new_subscription_id
+    assert len(mine(state, t)) == 2
+    new = sku_for_offer(replacements["sales"]["commercial"])
+    assert new is not None
+    for user in [*t.holders, *ce_holders]:
+        assert new.id.lower() in t.licenses(user)
+
+
+async def _until_final(svc: MigrationService, message: StepMessage, rounds: int = 20) -> None:
+    """Drive one record to a final state, re-running its current step after a lost answer (what the delayed
+    re-queued message would do)."""
+    for _ in range(rounds):
+        await drive(svc, [message])
+        record = await svc.ledger.get(message.customer_id, message.subscription_id)
+        assert record is not None
+        if record.is_final:
+            return
+        next_message = message_for(record)
+        assert next_message is not None
+        message = next_message
+    raise AssertionError(f"not final after {rounds} rounds: {record.state}")

@@ -233,3 +233,191 @@ async def test_a_pause_stops_a_native_move_too(state: SandboxState, storage: str
             record = await _record(svc, t)
     assert result.note == "rollout paused" and record.state == "detected"
     assert _native_posts(state) == [] and _buys(state) == [] and t.old_status() == "active"
+
+
+def _answer_first_post_with(srv: SandboxServer, suffix: str, *, apply: bool) -> list[str]:
+    """The first POST whose path ends in ``suffix`` gets a 500 (an answer that says nothing): Partner Center applied
+    it (``apply``) or never did. Either way the client cannot tell, which is the point. Returns the MS-RequestId of
+    that POST (once it is sent); an unapplied one never reaches the sandbox's request log."""
+    app = srv.app
+    intercepted: list[str] = []
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"].lower().endswith(suffix)
+                and not intercepted):
+            headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+            intercepted.append(headers.get("ms-requestid", ""))
+            if apply:
+                async def swallow(message: Any) -> None:
+                    return None
+                await app(scope, receive, swallow)
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body",
+                        "body": b'{"code": 800003, "description": "Unexpected service error", "source": "PartnerFD"}'})
+            return
+        await app(scope, receive, send)
+
+    srv.app = wrapped  # type: ignore[assignment]
+    return intercepted
+
+
+def _hide_transitions(srv: SandboxServer) -> None:
+    """``GET …/transitions`` lists nothing (a history that lags the move)."""
+    app = srv.app
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].lower().endswith("/transitions"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(
+                {"totalCount": 0, "items": [], "attributes": {"objectType": "Collection"}}).encode()})
+            return
+        await app(scope, receive, send)
+
+    srv.app = wrapped  # type: ignore[assignment]
+
+
+async def test_lost_upgrade_answer_is_recovered_from_the_target_offers_new_subscription(state: SandboxState,
+                                                                                         storage: str) -> None:
+    t = Tenant(state, holders=2)
+    config = SandboxConfig(native_paths={t.customer_id: "upgrade_with_license_transfer"},
+                           faults=FaultConfig(lose_first_write_response=True))
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only",
+                           REPLACEMENT_OFFERS=json.dumps(LEGACY_REPLACEMENT_OFFERS)) as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            lost = await svc.run(act)
+            assert lost.next_messages == [] and "answer lost" in lost.note
+            assert (await _record(svc, t)).state == "native_pending"
+            await drive(svc, [act])
+            record = await _record(svc, t)
+    assert record.state == "completed", record.reason
+    assert record.migration_path == "native_upgrade" and "native_started" in _events(record)
+    (op,) = native_operations(state)
+    assert record.new_subscription_id == op["to_subscription_id"].lower()
+    assert len(_native_posts(state)) == 1 and _buys(state) == []
+    wanted = new_sku(LEGACY_REPLACEMENT_OFFERS, t.offer)
+    assert all(wanted in t.licenses(h) and t.old_sku not in t.licenses(h) for h in t.holders)
+
+
+async def test_a_lost_move_that_never_happened_is_resent_with_the_same_request_id_only_after_the_wait(
+        state: SandboxState, storage: str) -> None:
+    from d365_migration.steps._policy import NATIVE_LOST_ANSWER_WAIT
+
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    srv = SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER}))
+    first = _answer_first_post_with(srv, "/transitions", apply=False)
+    with srv:
+        async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            await svc.run(act)  # the POST's answer says nothing
+            looking = await svc.run(act)
+            assert "looking for it" in looking.note
+            assert len(first) == 1 and _native_posts(state) == [] and native_operations(state) == []  # not re-sent
+            clock.advance(NATIVE_LOST_ANSWER_WAIT + timedelta(seconds=1))
+            await drive(svc, [act])
+            record = await _record(svc, t)
+    assert record.state == "completed", record.reason
+    (resent,) = _native_posts(state)
+    assert len(native_operations(state)) == 1
+    assert first == [resent["requestId"]] == [record.native_request_id]  # no answer → the same id again
+    assert _buys(state) == []
+
+
+async def test_a_lost_answer_with_the_old_subscription_no_longer_active_is_never_resent(state: SandboxState,
+                                                                                       storage: str) -> None:
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    srv = SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER}))
+    # The move happened (Partner Center suspended the old subscription)…
+    applied = _answer_first_post_with(srv, "/transitions", apply=True)
+    _hide_transitions(srv)  # …but its history does not show it
+    with srv:
+        async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            await svc.run(act)
+            clock.advance(NATIVE_LOST_ANSWER_WAIT_FOR_TEST)
+            waiting = await svc.run(act)
+            assert "old subscription suspended" in waiting.note
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            await svc.run(act)
+            record = await _record(svc, t)
+    assert record.state == "blocked" and "native_lost_answer_unresolved" in _events(record)
+    assert record.reason is not None and "nothing re-sent" in record.reason
+    assert len(applied) == 1 and len(_native_posts(state)) == 1 and len(native_operations(state)) == 1
+    assert _buys(state) == [] and state.patches() == []
+
+
+NATIVE_LOST_ANSWER_WAIT_FOR_TEST = timedelta(minutes=16)
+
+
+async def test_a_pooled_sku_blocks_the_native_move_and_named_users_take_the_runbook(state: SandboxState,
+                                                                                    storage: str,
+                                                                                    tmp_path: Any) -> None:
+    """A license transfer moves whom Partner Center moves: with a pooled product SKU that could be users of the
+    other subscription. So the native path runs the same pre-flight as a purchase (nothing sent), and once an operator
+    names who moves, only the runbook can move exactly them."""
+    import io
+
+    from d365_migration import Settings
+    from d365_migration.cli import retry
+    from d365_tooling.sandbox import seed_world
+    from tests.steps._world import env_for, msg_for
+
+    manifest = seed_world(state, customers=3, seed=3, pooled_skus=True)
+    (pooled,) = manifest.pooled
+    (em,) = [e for e in manifest.expected if e.subscription_id.lower() == pooled.subscription_id.lower()]
+    cid, sid = pooled.customer_id, pooled.subscription_id.lower()
+    for customer_id, user_id in manifest.users_without_usage_location:
+        state.set_usage_location(customer_id, user_id, "US")
+    upn = {u["id"].lower(): u["userPrincipalName"] for u in state.users(cid)}
+    retiring = {u.lower() for u in em.user_ids}
+    with SandboxServer(state, SandboxConfig(native_paths={cid: TRANSFER})) as srv:
+        settings = Settings.from_env(env_for(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native"))
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            report = await detect(svc)
+            await drive(svc, [m for m in report.purchase_messages if m.subscription_id.lower() == sid])
+            record = await svc.ledger.get(cid, sid)
+            assert record is not None and record.state == "blocked", record
+            assert "preflight_pooled_sku" in _events(record) and "path_native" not in _events(record)
+            assert _native_posts(state) == [] and _buys(state) == []
+
+            users_file = tmp_path / "users.txt"
+            users_file.write_text("\n".join(upn[u] for u in sorted(retiring)) + "\n", encoding="utf-8")
+            out = io.StringIO()
+            assert await retry(settings, f"{cid}/{sid}", out, users_file=str(users_file)) == 0, out.getvalue()
+            await drive(svc, [msg_for("purchase", cid, sid)])
+            record = await svc.ledger.get(cid, sid)
+    assert record is not None and record.state == "completed", record
+    assert record.migration_path == "runbook"
+    assert "--users-file" in next(h["detail"] for h in record.history if h["event"] == "path_runbook")
+    assert _native_posts(state) == [] and native_operations(state) == []
+    moved = {u["user_id"].lower() for u in state.license_updates() if u["customer_id"].lower() == cid.lower()
+             and pooled.sku_id.lower() in u["removed"]}
+    assert moved == retiring
+
+
+async def test_native_only_refuses_named_users_it_cannot_honour(state: SandboxState, storage: str) -> None:
+    from d365_migration._ledger import MigrationRecord as Record
+
+    t = Tenant(state, holders=2)
+    with SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER})) as srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="native_only") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            record = await _record(svc, t)
+            named: Record = await svc.ledger.save(
+                dataclasses_replace(record, moving_users=json.dumps([t.upn(t.holders[0]).lower()])))
+            assert named.named_users
+            await drive(svc, [act])
+            record = await _record(svc, t)
+    assert record.state == "blocked" and "no_native_path" in _events(record)
+    assert record.reason is not None and "--users-file" in record.reason and "nothing bought" in record.reason
+    assert writes(state) == [] and t.old_status() == "active"
+
+
+def dataclasses_replace(record: MigrationRecord, **changes: Any) -> MigrationRecord:
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
