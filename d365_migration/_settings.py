@@ -62,6 +62,7 @@ APP_SETTINGS: tuple[str, ...] = (
     "PROVISIONING_STATUS_WAIT_MINUTES",
     "SUBSCRIBED_SKU_WAIT_MINUTES",
     "FREE_UNITS_WAIT_MINUTES",
+    "LOST_WRITE_RESEND_WAIT_SECONDS",
     "PARTNER_CENTER_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE",
     "PARTNER_CENTER_MAX_CONCURRENCY",
@@ -221,6 +222,10 @@ class Settings:
     provisioning_status_wait_minutes: int = 60
     subscribed_sku_wait_minutes: int = 60
     free_units_wait_minutes: int = 60
+    # A write that may have been applied without us seeing the answer (a legacy order, a transition or upgrade) and
+    # that Partner Center does not show yet is sent again (same MS-RequestId) only after this long: the documented
+    # order-list lag ("an order can take up to 15 minutes to appear"), the safe reading for the native moves too.
+    lost_write_resend_wait_seconds: int = 900
     requests_per_minute: int = 500
     license_requests_per_minute: int = 300
     max_concurrency: int = 16
@@ -393,6 +398,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         provisioning_status_wait_minutes=_int(env, "PROVISIONING_STATUS_WAIT_MINUTES", 60, minimum=1),
         subscribed_sku_wait_minutes=_int(env, "SUBSCRIBED_SKU_WAIT_MINUTES", 60, minimum=1),
         free_units_wait_minutes=_int(env, "FREE_UNITS_WAIT_MINUTES", 60, minimum=1),
+        lost_write_resend_wait_seconds=_int(env, "LOST_WRITE_RESEND_WAIT_SECONDS", 900, minimum=0),
         requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),

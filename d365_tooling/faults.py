@@ -19,7 +19,11 @@ Fault kinds:
   as usual (standing for a lease that has expired by the time the message is redelivered);
 * human changes mid-flight: the old subscription suspended / set to auto-renew by hand before purchase, the
   replacement bought by hand (tagged or not), a user's old license removed by hand before reassign, and a moved user
-  given the old license again before suspend.
+  given the old license again before suspend;
+* the native path (``Scenario.native``: Partner Center offers a transition or upgrade with license transfer to half
+  the customers in scope, ``MIGRATION_PATH_POLICY=prefer_native``, the others take the runbook) under lost answers,
+  crashes after the transition/upgrade POST and after each native ledger event, duplicate messages, slow completion
+  with the old subscription left active, 5xx and timeouts.
 """
 
 from __future__ import annotations
@@ -64,10 +68,16 @@ from d365_tooling.sandbox import (
     sku_for_offer,
 )
 from d365_tooling.sandbox._faults import SlidingWindow
+from d365_tooling.sandbox._transitions import native_operations
 
 APP_ROOT = Path(d365_migration.__file__).resolve().parent.parent
 LEDGER_TABLE = "migrations"
-WRITE_METHODS = ("create_cart", "checkout_cart", "create_order", "update_user_licenses", "update_subscription")
+WRITE_METHODS = ("create_cart", "checkout_cart", "create_order", "update_user_licenses", "update_subscription",
+                 "create_transition", "create_upgrade")
+# Ledger events after which a simulated crash may strike (the next step's message is then never written).
+CRASH_AFTER_EVENTS = ("cart_created", "checked_out", "order_attempt", "ordered", "order_found", "replacement_active",
+                      "skus_resolved", "licenses_moved", "path_native", "native_attempt", "native_started",
+                      "native_verified")
 
 
 _CURRENT_MESSAGE: contextvars.ContextVar[StepMessage | None] = contextvars.ContextVar("current_message",
@@ -101,6 +111,9 @@ class Scenario:
     timeout_s: float = 90.0
     legacy_orders: bool = False  # buy through legacy orders (POST /orders, not idempotent) instead of NCE carts
     scope: int | None = None  # only this many customers in CUSTOMER_ALLOWLIST (a smaller run); None: all
+    # Partner Center's native path (a sandbox NATIVE_MODES value) for every other customer with a migration, with
+    # MIGRATION_PATH_POLICY=prefer_native; the rest take the runbook. None: the runbook only.
+    native: str | None = None
 
 
 FAST_HOST: dict[str, Any] = {"maxPollingInterval": 0.2, "visibilityTimeout": 0.5, "maxDequeueCount": 5}
@@ -187,6 +200,37 @@ def _baseline(seed: int) -> Scenario:
     return Scenario("no_faults", seed)
 
 
+_TRANSFER = "transition_with_license_transfer"
+
+
+def _native_lost(seed: int) -> Scenario:
+    # Transitions whose answers are lost after Partner Center applied them (first and a share of the rest).
+    return Scenario("native_lost_answers", seed, native=_TRANSFER,
+                    sandbox={"faults": {"lose_first_write_response": True, "lose_response_rate": 0.2}})
+
+
+def _native_crash(seed: int) -> Scenario:
+    # The worker dies right after the transition POST returned or after a native ledger event; every step message
+    # also arrives twice.
+    return Scenario("native_crash_and_duplicates", seed, native=_TRANSFER, crash_rate=0.5, duplicates=True)
+
+
+def _native_upgrade(seed: int) -> Scenario:
+    # Legacy → legacy upgrades with license transfer (REPLACEMENT_OFFERS names the legacy offers); lost answers and
+    # timeouts applied after the client gave up. Upgrades leave no history: recovery reads the subscriptions.
+    return Scenario("native_upgrade_lost_and_late", seed, native="upgrade_with_license_transfer", legacy_orders=True,
+                    sandbox={"faults": {"lose_first_write_response": True, "timeout_rate": 0.1, "timeout_s": 2.5}},
+                    client_timeout_s=0.5)
+
+
+def _native_slow(seed: int) -> Scenario:
+    # The move completes seconds later and Partner Center leaves the old subscription active (the tool suspends it
+    # after verification); 5xx on the way.
+    return Scenario("native_slow_left_active_5xx", seed, native=_TRANSFER,
+                    sandbox={"native_completion_s": 2.0, "native_source_left_active": True,
+                             "faults": {"error_rate": 0.1}})
+
+
 KINDS: dict[str, Callable[[int], Scenario]] = {
     "no_faults": _baseline,
     "lost_first_write": _lost_first,
@@ -212,6 +256,11 @@ KINDS: dict[str, Callable[[int], Scenario]] = {
     "paging_2000_and_license_warnings": _documented(
         "paging_2000_and_license_warnings", customer_paging_ends_in_2000=True, users_paging_ends_in_2000=True,
         license_warnings=True),
+    # issue 13: the native path (transitions / upgrades with license transfer) beside the runbook
+    "native_lost_answers": _native_lost,
+    "native_crash_and_duplicates": _native_crash,
+    "native_upgrade_lost_and_late": _native_upgrade,
+    "native_slow_left_active_5xx": _native_slow,
     "human_suspended_before_purchase": _human("suspended_before_purchase"),
     "human_autorenew_before_purchase": _human("autorenew_before_purchase"),
     "human_bought_replacement_tagged": _human("bought_replacement_tagged"),
@@ -353,8 +402,7 @@ class _Hooks:
         async def wrapper(self: MigrationLedger, record: MigrationRecord) -> MigrationRecord:
             saved = await original(self, record)
             event = record.history[-1]["event"] if record.history else ""
-            if event in ("cart_created", "checked_out", "order_attempt", "ordered", "order_found",
-                         "replacement_active", "skus_resolved", "licenses_moved"):
+            if event in CRASH_AFTER_EVENTS:
                 hooks._maybe_crash(("save", event, *record.key), record.key)
             return saved
 
@@ -451,6 +499,8 @@ class _Duplicator:
             wanted: list[str] = []
             if r.state == "detected":
                 wanted = ["purchase", "reassign", "suspend"]  # the stale ones must be ignored
+            elif r.state in ("native_pending", "native_moving"):
+                wanted = ["purchase", "suspend"]
             elif r.state in ("purchased", "reassigning"):
                 wanted = ["reassign"]
             elif r.state == "reassigned":
@@ -482,17 +532,31 @@ def base_env(sandbox_url: str, scenario: Scenario) -> dict[str, str]:
         "PARTNER_CENTER_REQUESTS_PER_MINUTE": "6000", "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": "6000",
         "DETECT_SCHEDULE": "0 0 6 * * *", "EXPIRY_WINDOW_DAYS": "60", "MAX_PURCHASES_PER_RUN": "1000",
         "LEDGER_TABLE": LEDGER_TABLE, "AzureFunctionsJobHost__extensions__queues__maxDequeueCount": str(dequeue),
+        # Production waits the documented 15-minute order-list lag before re-sending a lost write; the sandbox's list
+        # lag here is at most a few seconds, and the wait stays longer than it, as it does in production.
+        "LOST_WRITE_RESEND_WAIT_SECONDS": "5",
         **scenario.env,
     }
 
 
-def _sandbox_config(scenario: Scenario) -> SandboxConfig:
+def _sandbox_config(scenario: Scenario, native_customers: list[str]) -> SandboxConfig:
     config = SandboxConfig()
     patch = dict(scenario.sandbox)
     faults = dict(patch.pop("faults", {}))
     faults["seed"] = scenario.seed
+    if scenario.native is not None:
+        patch["native_paths"] = {c: scenario.native for c in native_customers}
     config.apply_patch({**patch, "faults": faults})
     return config
+
+
+def native_customers_of(scenario: Scenario, manifest: SeedManifest) -> list[str]:
+    """Every other customer with a migration (sorted ids; at least one): those Partner Center offers the native path."""
+    if scenario.native is None:
+        return []
+    pooled = {p.customer_id.lower() for p in manifest.pooled}
+    with_work = sorted({em.customer_id.lower() for em in manifest.expected} - pooled)
+    return with_work[::2]
 
 
 async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
@@ -530,7 +594,8 @@ async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
         hooks.target = rng.choice(manifest.expected)
     duplicator = _Duplicator(connection_string) if scenario.duplicates else None
     result = RunResult(scenario.kind, scenario.seed)
-    server = SandboxServer(state, _sandbox_config(scenario))
+    native_customers = native_customers_of(scenario, manifest)
+    server = SandboxServer(state, _sandbox_config(scenario, native_customers))
     if scenario.throttle_window_s is not None:
         server.app.general = SlidingWindow(scenario.throttle_window_s)
         server.app.license = SlidingWindow(scenario.throttle_window_s)
@@ -542,6 +607,8 @@ async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
             await asyncio.to_thread(go_live_for_every_customer, connection_string, table=LEDGER_TABLE)
         if scenario.legacy_orders:
             env["REPLACEMENT_OFFERS"] = json.dumps(LEGACY_REPLACEMENT_OFFERS)
+        if scenario.native is not None:
+            env["MIGRATION_PATH_POLICY"] = "prefer_native"
         overrides = FAST_HOST | scenario.host_overrides
         try:
             with hooks.installed():
@@ -584,8 +651,11 @@ async def run_scenario(scenario: Scenario, connection_string: str) -> RunResult:
         faults["duplicate"] = duplicator.count
     if hooks.human_changes:
         faults["human"] = hooks.human_changes
+    native_moves = native_operations(state)
+    if native_moves:
+        faults["native-move"] = len(native_moves)
     result.fault_detail = faults
-    result.faults_injected = sum(v for k, v in faults.items() if k != "dedupe-replay")
+    result.faults_injected = sum(v for k, v in faults.items() if k not in ("dedupe-replay", "native-move"))
     result.migrations = len(manifest.expected)
     result.completed = sum(1 for r in records if r.state == "completed")
     for r in records:
@@ -619,13 +689,22 @@ def check_invariants(scenario: Scenario, state: SandboxState, manifest: SeedMani
             v.append(f"{r.customer_id}/{r.subscription_id}: stuck in {r.state}")
         elif r.state in ("blocked", "failed") and not (r.reason or "").strip():
             v.append(f"{r.customer_id}/{r.subscription_id}: {r.state} without a reason")
-    # 2. at most one purchase per record (by the pipeline); none that belongs to no record
+    # 2. at most one purchase or native move per record (by the pipeline), never both; none that belongs to no record
     tags = {r.tag: r for r in records}
+    moves = native_operations(state)
     for r in records:
         mine = [p for p in purchases if p["customer_id"].lower() == r.key[0] and p.get("via") != "by_hand"
                 and r.tag in (p["friendly_name"] or "")]
+        moved = [op for op in moves if op["from_subscription_id"].lower() == r.key[1]]
         if len(mine) > 1:
             v.append(f"{r.customer_id}/{r.subscription_id}: bought {len(mine)} times")
+        if len(moved) > 1:
+            v.append(f"{r.customer_id}/{r.subscription_id}: {len(moved)} native moves")
+        if mine and moved:
+            v.append(f"{r.customer_id}/{r.subscription_id}: bought a replacement AND moved natively")
+    for op in moves:
+        if (op["customer_id"].lower(), op["from_subscription_id"].lower()) not in expected:
+            v.append(f"native move of {op['from_subscription_id']} ({op['customer_id']}) belongs to no migration")
     for p in purchases:
         if p.get("via") != "by_hand" and not any(t in (p["friendly_name"] or "") for t in tags):
             v.append(f"purchase {p['order_id']} ({p['friendly_name']!r}) belongs to no record")
@@ -640,6 +719,14 @@ def check_invariants(scenario: Scenario, state: SandboxState, manifest: SeedMani
         cid = str(ev.get("customer_id", "")).lower()
         if kind == "subscription_provisioned" or kind == "by_hand_purchase":
             provisioned.add(str(ev["subscription_id"]).lower())
+        elif kind in ("native_transition_completed", "native_upgrade_completed"):
+            # Partner Center's move: the new subscription is active and the moved users' licenses swapped at once
+            provisioned.add(str(ev["to_subscription_id"]).lower())
+            moved_from = expected.get((cid, str(ev["from_subscription_id"]).lower()))
+            for user in ev["moved_users"] if moved_from is not None else []:
+                key = (cid, str(user).lower())
+                assert moved_from is not None
+                skus[key] = (skus.get(key, set()) - {moved_from.old_sku_id.lower()}) | {_new_sku(moved_from)}
         elif kind == "license_update":
             key = (cid, str(ev["user_id"]).lower())
             before = set(skus.get(key, set()))

@@ -75,6 +75,16 @@ async def test_documented_behaviour_kind_completes_every_migration(storage: str,
     assert result.completed == result.migrations
 
 
+@pytest.mark.parametrize("kind", ["native_lost_answers", "native_crash_and_duplicates"])
+async def test_native_path_under_faults_completes_every_migration(storage: str, kind: str) -> None:
+    """Issue 13: half the customers in scope move by Partner Center's transition with license transfer, the others by
+    the runbook, under lost answers / crashes after the POST and duplicate messages: one move or one purchase each."""
+    result = await run_scenario(dataclasses.replace(KINDS[kind](6), scope=2), storage)
+    _assert_clean(result)
+    assert result.completed == result.migrations
+    assert result.fault_detail.get("native-move", 0) > 0, result.fault_detail
+
+
 @pytest.mark.parametrize("kind", [
     "human_suspended_before_purchase",
     "human_regranted_old_license",

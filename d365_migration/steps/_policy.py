@@ -17,7 +17,6 @@ __all__ = [
     "LEASE",
     "MAX_REASSIGN_TRIPS",
     "MIN_BUSY_DELAY_SECONDS",
-    "NATIVE_LOST_ANSWER_WAIT",
     "NOT_ENOUGH_LICENSES_POLLS",
     "ORDER_IN_PROGRESS_DELAY_SECONDS",
     "ORDER_LIST_LAG",
@@ -43,19 +42,13 @@ def busy_delay_seconds(provisioning_poll_seconds: int) -> int:
 
 
 # Partner Center: "After submission, an order can take up to 15 minutes to appear in the customer's order list."
-# A legacy order whose answer we never saw is re-sent (same MS-RequestId) only after this long without finding it.
+# The default of LOST_WRITE_RESEND_WAIT_SECONDS: a legacy order, transition or upgrade whose answer we never saw is
+# re-sent (same MS-RequestId) only after this long without finding it (steps/purchase.py, steps/native.py).
 ORDER_LIST_LAG = timedelta(minutes=15)
 
 # Partner Center's clock and ours may differ a little: something Partner Center created after a recorded attempt may
 # carry a creation time slightly before it.
 CLOCK_SKEW = timedelta(minutes=2)
-
-# A transition or upgrade whose answer we never saw, and that neither the subscription's transitions nor its
-# subscriptions show yet, is re-sent (same MS-RequestId, headers page) only after this long. How soon Partner Center
-# lists a new transition or upgraded subscription is not documented; the safe reading is the documented order-list
-# lag, so a move that did happen is found before it could be asked for twice. While the old subscription is no
-# longer active something did happen, and nothing is re-sent at all.
-NATIVE_LOST_ANSWER_WAIT = ORDER_LIST_LAG
 
 # 800060 "your order is in progress": the first request is still being processed; a minute is Partner Center's
 # usual processing time for a single-line order.

@@ -17,7 +17,7 @@ them here). Read top to bottom, for one record:
    :class:`~d365_migration._client.RequestAttempt` (same id only to resend after a lost answer; the attempt number is
    bumped after every answer seen). After a lost answer, the subscription's transitions (``GET …/transitions``) or
    the subscription of the upgrade's target offer created since the attempt (and claimed by no other migration) are
-   looked for; the same request is sent again only if nothing shows for ``NATIVE_LOST_ANSWER_WAIT`` and the old
+   looked for; the same request is sent again only if nothing shows for ``LOST_WRITE_RESEND_WAIT_SECONDS`` and the old
    subscription is still active (once it is not, something happened and nothing is ever re-sent).
 3. **Rejected** (Partner Center said no): if nothing changed (no transition, old subscription still active) and the
    policy is ``prefer_native`` the record falls back to the runbook (``detected``, ``migration_path=runbook``);
@@ -46,7 +46,7 @@ from .._models import Subscription, product_key, same_id
 from .._native_client import Transition, UpgradeOption, UpgradeResult
 from .._native_path import choose_path, parse_path_policy
 from .._settings import ReplacementTarget, is_guid
-from ._policy import CLOCK_SKEW, NATIVE_LOST_ANSWER_WAIT
+from ._policy import CLOCK_SKEW
 from ._preflight import preflight
 from ._work import RetryLater, StepResult, Work
 
@@ -156,10 +156,11 @@ async def _act_once(work: Work) -> None:
                     "Partner Center")
                 return
             raise RetryLater(f"native move's answer lost; old subscription {old.status}, looking for the move")
-        if waited < NATIVE_LOST_ANSWER_WAIT:
+        resend_wait = timedelta(seconds=work.settings.lost_write_resend_wait_seconds)
+        if waited < resend_wait:
             raise RetryLater("native move's answer lost; looking for it before anything is re-sent")
         work.log(logging.INFO, "event=native_resend nothing found %s after a lost answer; same MS-RequestId %s",
-                 NATIVE_LOST_ANSWER_WAIT, record.native_request_id)
+                 resend_wait, record.native_request_id)
     else:
         old_sku = record.old_sku_id or await _old_sku(work)  # pre-flight recorded it
         if old_sku is None:

@@ -35,7 +35,6 @@ from ._policy import (
     CHECKOUT_IN_PROGRESS_DELAY_SECONDS,
     CLOCK_SKEW,
     ORDER_IN_PROGRESS_DELAY_SECONDS,
-    ORDER_LIST_LAG,
 )
 from ._preflight import preflight
 from ._quantity import replacement_quantity
@@ -260,6 +259,10 @@ async def _record_rejection(work: Work, exc: PurchaseRejectedError) -> None:
                           purchase_attempt=work.record.purchase_attempt + 1)
 
 
+def _resend_wait(work: Work) -> timedelta:
+    return timedelta(seconds=work.settings.lost_write_resend_wait_seconds)
+
+
 def _attempt(work: Work, operation: str, *key: str) -> RequestAttempt:
     """The request id of the next attempt, by the documented rule: the recorded attempt number (bumped after every
     answer), moved past any id this process already saw answered (a duplicate delivery racing the ledger)."""
@@ -333,9 +336,9 @@ async def _buy_through_order(work: Work, offer_id: str) -> None:
     request_id = _attempt(work, "order", record.subscription_id)
     if record.order_attempted_at:
         # A previous attempt may have been applied without us seeing the answer (_recover_order found no order
-        # with our tag). Orders can take up to 15 minutes to show in the order list, so wait that long before
-        # sending the same request (same MS-RequestId) again.
-        if work.now() - datetime.fromisoformat(record.order_attempted_at) < ORDER_LIST_LAG:
+        # with our tag). Orders can take up to 15 minutes to show in the order list, so wait that long
+        # (LOST_WRITE_RESEND_WAIT_SECONDS) before sending the same request (same MS-RequestId) again.
+        if work.now() - datetime.fromisoformat(record.order_attempted_at) < _resend_wait(work):
             raise RetryLater("waiting to see whether the earlier order went through")
     else:
         record = await work.transition("purchasing", "order_attempt", f"MS-RequestId {request_id}",

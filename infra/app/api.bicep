@@ -184,6 +184,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PROVISIONING_STATUS_WAIT_MINUTES: '60'
     SUBSCRIBED_SKU_WAIT_MINUTES: '60'
     FREE_UNITS_WAIT_MINUTES: '60'
+    // A lost write (legacy order, native move) that Partner Center does not show is re-sent only after this long.
+    LOST_WRITE_RESEND_WAIT_SECONDS: '900'
     INVOCATION_BUDGET_SECONDS: string(invocationBudgetSeconds)
   }
 }

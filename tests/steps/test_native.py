@@ -303,8 +303,6 @@ async def test_lost_upgrade_answer_is_recovered_from_the_target_offers_new_subsc
 
 async def test_a_lost_move_that_never_happened_is_resent_with_the_same_request_id_only_after_the_wait(
         state: SandboxState, storage: str) -> None:
-    from d365_migration.steps._policy import NATIVE_LOST_ANSWER_WAIT
-
     t = Tenant(state, holders=2)
     clock = Clock()
     srv = SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER}))
@@ -316,7 +314,7 @@ async def test_a_lost_move_that_never_happened_is_resent_with_the_same_request_i
             looking = await svc.run(act)
             assert "looking for it" in looking.note
             assert len(first) == 1 and _native_posts(state) == [] and native_operations(state) == []  # not re-sent
-            clock.advance(NATIVE_LOST_ANSWER_WAIT + timedelta(seconds=1))
+            clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 1))
             await drive(svc, [act])
             record = await _record(svc, t)
     assert record.state == "completed", record.reason
@@ -338,7 +336,7 @@ async def test_a_lost_answer_with_the_old_subscription_no_longer_active_is_never
         async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
             (act,) = (await detect(svc)).purchase_messages
             await svc.run(act)
-            clock.advance(NATIVE_LOST_ANSWER_WAIT_FOR_TEST)
+            clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 60))
             waiting = await svc.run(act)
             assert "old subscription suspended" in waiting.note
             clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
@@ -348,9 +346,6 @@ async def test_a_lost_answer_with_the_old_subscription_no_longer_active_is_never
     assert record.reason is not None and "nothing re-sent" in record.reason
     assert len(applied) == 1 and len(_native_posts(state)) == 1 and len(native_operations(state)) == 1
     assert _buys(state) == [] and state.patches() == []
-
-
-NATIVE_LOST_ANSWER_WAIT_FOR_TEST = timedelta(minutes=16)
 
 
 async def test_a_pooled_sku_blocks_the_native_move_and_named_users_take_the_runbook(state: SandboxState,
