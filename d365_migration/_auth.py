@@ -662,8 +662,10 @@ def build_refresh_token_store(settings: Settings) -> RefreshTokenStore | None:
 
 
 def build_credential(settings: Settings, *, store: RefreshTokenStore | None = None,
-                     http_client: Any = None) -> AccessTokenSource | None:
-    """The token source for ``settings``: ``None`` when ``PARTNER_CENTER_AUTH=none`` (loopback sandbox)."""
+                     http_client: Any = None, scopes: Sequence[str] = (PARTNER_CENTER_SCOPE,)
+                     ) -> AccessTokenSource | None:
+    """The token source for ``settings``: ``None`` when ``PARTNER_CENTER_AUTH=none`` (loopback sandbox). ``scopes``:
+    another resource the same refresh token is redeemed for (the price sheet's Partner API, ``_pricing``)."""
     if settings.auth == "none":
         return None
     require_app_user_settings(settings, need_refresh_token_source=store is None)
@@ -672,4 +674,4 @@ def build_credential(settings: Settings, *, store: RefreshTokenStore | None = No
     assert settings.tenant_id and settings.client_id and settings.client_secret
     return AppUserCredential(tenant_id=settings.tenant_id, client_id=settings.client_id,
                              client_secret=settings.client_secret, store=store, authority=settings.authority,
-                             http_client=http_client)
+                             http_client=http_client, scopes=scopes)

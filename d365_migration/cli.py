@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import importlib
 import json
@@ -62,7 +63,33 @@ async def _scope_for_plan(settings: Settings) -> Callable[[str], bool]:
     return controls.customer_in_scope
 
 
-async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> int:
+def _cost_estimator(settings: Settings, *, prices: bool, currency: str | None) -> tuple[Any, Any]:
+    """``plan``'s cost estimator and the price sheet client it uses (``None`` when prices are off).
+
+    The price sheet lives on the Partner API (``https://api.partner.microsoft.com``), App+User only, for its own
+    audience; a loopback Partner Center (the sandbox) is asked for it at its own address."""
+    from ._pricing import PRICING_ENDPOINT, PRICING_SCOPE, CostEstimator, PriceSheetClient
+    from ._settings import is_loopback_url
+
+    def estimator(client: Any, unavailable: str = "") -> Any:
+        return CostEstimator(client, term_duration=settings.replacement_term_duration,
+                             billing_cycle=settings.replacement_billing_cycle, currency=currency,
+                             unavailable=unavailable)
+
+    if not prices:
+        return estimator(None, "prices not requested (--no-prices)"), None
+    endpoint = settings.endpoint if is_loopback_url(settings.endpoint) else PRICING_ENDPOINT
+    credential = None
+    if settings.auth != "none":
+        from ._auth import build_credential
+
+        credential = build_credential(settings, scopes=(PRICING_SCOPE,))
+    client = PriceSheetClient(endpoint, credential)
+    return estimator(client), client
+
+
+async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO, *, prices: bool = True,
+                currency: str | None = None) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from ._app import build_credential
@@ -80,12 +107,22 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     left: list[dict[str, Any]] = []
     customers = 0
     errors: list[str] = []
+    costs, price_client = _cost_estimator(settings, prices=prices, currency=currency)
+    markets: dict[str, str | None] = {}
+
+    async def market_of(customer_id: str) -> str | None:
+        if customer_id not in markets:
+            markets[customer_id] = (await client.get_customer(customer_id)).country
+        return markets[customer_id]
+
     # With a storage account configured, the plan draws from the budget the deployed app shares (same tenant).
-    async with PartnerCenterClient(settings.endpoint, build_credential(settings),
-                                   requests_per_minute=settings.requests_per_minute,
-                                   license_requests_per_minute=settings.license_requests_per_minute,
-                                   limiters=build_pacers(settings),
-                                   max_concurrency=settings.max_concurrency) as client:
+    pc_client = PartnerCenterClient(settings.endpoint, build_credential(settings),
+                                    requests_per_minute=settings.requests_per_minute,
+                                    license_requests_per_minute=settings.license_requests_per_minute,
+                                    limiters=build_pacers(settings), max_concurrency=settings.max_concurrency)
+    async with contextlib.AsyncExitStack() as stack, pc_client as client:
+        if price_client is not None:
+            await stack.enter_async_context(price_client)  # closed with the Partner Center client
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=_console(sys.stderr),
                       transient=True, disable=fmt != "table" or not sys.stderr.isatty()) as progress:
             task = progress.add_task("scanning customers…", total=None)
@@ -116,6 +153,15 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
                     rows.append(row)
                     if row["action"] == "migrate":
                         await _add_path(client, settings, c, row)
+                    if replacement is not None:
+                        # A native move keeps the old quantity; the runbook buys what the quantity policy says.
+                        quantity = (row["quantity"] if str(row.get("path", "")).startswith("native")
+                                    else row["quantityToBuy"])
+                        estimate = await costs.estimate(
+                            await market_of(c.customer.id) if price_client is not None else None,
+                            settings.replacement_offers.target(c.offer.family, c.offer.audience), quantity,
+                            in_scope=row["action"] == "migrate")
+                        row["cost"], row["costLabel"] = estimate.to_json(), estimate.label()
                 if show_all:
                     left.extend({"customerId": x.customer_id.lower(), "subscriptionId": x.subscription_id.lower(),
                                  "offerName": x.offer_name, "reason": x.reason} for x in scan.left_alone)
@@ -123,14 +169,23 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
     rows.sort(key=lambda r: (r["customerId"], r["subscriptionId"]))
     if fmt == "json":
         json.dump({"customers": customers, "quantityPolicy": policy, "quantityPolicyText": POLICY_TEXT[policy],
-                   "migrations": rows, "leftAlone": left, "errors": errors, "requests": requests}, out, indent=2)
+                   "migrations": [{k: v for k, v in r.items() if k != "costLabel"} for r in rows],
+                   "cost": {"totals": {c: str(a) for c, a in sorted(costs.totals.items())},
+                            "outOfScopeTotals": {c: str(a) for c, a in sorted(costs.out_of_scope.items())},
+                            "priced": costs.priced, "unpriced": costs.unpriced, "summary": costs.summary()},
+                   "leftAlone": left, "errors": errors, "requests": requests}, out, indent=2)
         out.write("\n")
     elif fmt == "csv":
         fields = ["customerId", "customerName", "subscriptionId", "offerName", "family", "audience", "channel",
-                  "quantity", "commitmentEndDate", "replacement", "action", "quantityToBuy", "path", "pathReason"]
-        writer = csv.DictWriter(out, fieldnames=fields, restval="")
+                  "quantity", "commitmentEndDate", "replacement", "action", "quantityToBuy", "path", "pathReason",
+                  "cost", "currency", "costPerBill", "costNote"]
+        writer = csv.DictWriter(out, fieldnames=fields, restval="", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "cost": r.get("cost", {}).get("amount", ""),
+                          "currency": r.get("cost", {}).get("currency", ""),
+                          "costPerBill": r.get("cost", {}).get("perBill") or "",
+                          "costNote": r.get("cost", {}).get("note") or r.get("cost", {}).get("unavailable", "")}
+                         for r in rows)
         # --all: what was left alone (unrecognised offers included, with their names), one row each, and why.
         writer.writerows({"customerId": x["customerId"], "subscriptionId": x["subscriptionId"],
                           "offerName": x["offerName"], "action": f"leave alone: {x['reason']}",
@@ -140,17 +195,18 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO) -> in
 
         table = Table(title=f"Migrations planned ({len(rows)} of {customers} customers scanned)")
         for col in ("customer", "old offer", "audience", "qty", "to buy", "ends", "replacement", "action", "path",
-                    "why"):
+                    "why", "cost (one term)"):
             table.add_column(col, overflow="fold")
         for r in rows:
             table.add_row(r["customerName"] or r["customerId"], r["offerName"], r["audience"], str(r["quantity"]),
                           str(r["quantityToBuy"]), r["commitmentEndDate"] or "", r["replacement"] or "—", r["action"],
-                          r.get("path", ""), r.get("pathReason", ""))
+                          r.get("path", ""), r.get("pathReason", ""), r.get("costLabel", ""))
         console = _console(out)
         console.print(table)
         console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}; "
                       f"{sum(r['quantityToBuy'] for r in rows if r['action'] == 'migrate')} seat(s) to buy in total.",
                       soft_wrap=True, markup=False)
+        console.print(f"Cost: {costs.summary()}.", soft_wrap=True, markup=False)
         if left:
             lt = Table(title="Retired offers left alone")
             for col in ("customer", "subscription", "offer", "why"):
@@ -672,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
     p.add_argument("--all", action="store_true", help="also list retired offers left alone, and why")
+    p.add_argument("--no-prices", dest="prices", action="store_false",
+                   help="do not read the partner price sheet (no cost per migration)")
+    p.add_argument("--currency", metavar="CODE",
+                   help="price in this currency where a market's price sheet has several (European markets)")
     p = sub.add_parser("run", help="detect once, then serve the queues until none holds a message; exit 1 if "
                                   "detection failed or a record failed or is blocked")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -768,7 +828,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
             return run_consent(settings, out=out)
         if args.command == "plan":
-            return asyncio.run(_plan(settings, args.fmt or "table", args.all, out))
+            return asyncio.run(_plan(settings, args.fmt or "table", args.all, out, prices=args.prices,
+                                     currency=args.currency))
         if args.command == "run":
             return asyncio.run(_run(settings, args.timeout, out))
         if args.command == "status":

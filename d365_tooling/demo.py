@@ -198,9 +198,31 @@ async def _controls(settings: Settings) -> RolloutControls:
         return await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
 
 
+def demo_native_paths(manifest: Any) -> dict[str, str]:
+    """Which seeded customers Partner Center offers a native path (sandbox ``native_paths``): every third customer
+    with a migration gets a transition with license transfer, the next one a transition without it; customers with a
+    pooled SKU or a user the demo fixes by hand keep the runbook (those are the runbook's stories)."""
+    keep = ({p.customer_id.lower() for p in manifest.pooled}
+            | {cid.lower() for cid, _ in manifest.users_without_usage_location})
+    with_work = sorted({em.customer_id.lower() for em in manifest.expected} - keep)
+    paths = {cid: "transition_with_license_transfer" for cid in with_work[::3]}
+    paths.update({cid: "transition_only" for cid in with_work[1::6]})
+    return paths
+
+
+def path_of(record: MigrationRecord) -> tuple[str, str]:
+    """The path a record took and why, as its history recorded the choice."""
+    label = {"native_transition": "native transition", "native_upgrade": "native upgrade",
+             "runbook": "three-step runbook"}.get(record.migration_path or "", "three-step runbook")
+    why = next((str(h.get("detail") or "") for h in reversed(record.history)
+                if h.get("event") in ("path_native", "path_runbook", "native_rejected_fallback")),
+               "MIGRATION_PATH_POLICY=runbook_only" if record.migration_path is None else "")
+    return label, why.removeprefix(f"{label}: ")
+
+
 def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: list[tuple[str, str, str]],
                   problems: list[str], elapsed: float, *, controls: RolloutControls | None = None,
-                  policy: str | None = None) -> None:
+                  policy: str | None = None, path_policy: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -211,12 +233,17 @@ def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: l
     if policy is not None:
         console.print(f"Quantity policy: REPLACEMENT_QUANTITY_POLICY={policy}: {POLICY_TEXT[policy]}", markup=False,
                       soft_wrap=True)
+    if path_policy is not None:
+        console.print(f"Migration path: MIGRATION_PATH_POLICY={path_policy}: Partner Center's transition or upgrade "
+                      "with license transfer where it offers one, else the three-step runbook", markup=False,
+                      soft_wrap=True)
     table = Table(title=f"Migrations ({len(records)})")
-    for col in ("customer", "old offer", "replacement", "qty", "users moved", "state"):
+    for col in ("customer", "old offer", "replacement", "qty", "users moved", "path", "why this path", "state"):
         table.add_column(col, overflow="fold")
     for r in records:
+        label, why = path_of(r)
         table.add_row(r.customer_name or r.customer_id, r.offer_name or "", r.replacement_offer_id or "—",
-                      str(r.quantity), str(r.users_moved), r.state)
+                      str(r.quantity), str(r.users_moved), label, why[:90], r.state)
     console.print(table)
     lt = Table(title=f"Left untouched ({len(left_alone)})")
     for col in ("customer", "offer", "why"):
@@ -227,15 +254,17 @@ def _print_report(out: TextIO, records: Sequence[MigrationRecord], left_alone: l
     counts: dict[str, int] = defaultdict(int)
     for r in records:
         counts[r.state] += 1
-    console.print(f"states: {dict(counts)}; wall time {elapsed:.1f}s")
+    paths = Counter(path_of(r)[0] for r in records)
+    console.print(f"states: {dict(counts)}; paths: {dict(sorted(paths.items()))}; wall time {elapsed:.1f}s")
     if problems:
         console.print(f"[bold red]verification FAILED ({len(problems)} problems)[/bold red]")
         for p in problems:
             console.print(f"  - {p}")
     else:
         console.print("[bold green]verification passed[/bold green]: every expiring qualified subscription has "
-                      "its replacement (right offer and quantity, bought once), every user is on the new SKU, the "
-                      "old subscription was suspended last, and nothing else was touched.")
+                      "its replacement (bought once with the right offer and quantity, or moved once by Partner "
+                      "Center's transition), every user is on the new SKU, the old subscription was suspended last, "
+                      "and nothing else was touched.")
 
 
 def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out: TextIO | None = None) -> int:
@@ -249,14 +278,17 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
     started = time.monotonic()
     out.write(f"Seeded {customers} customers: {len(manifest.expected)} expiring qualified subscriptions, "
               f"{len(manifest.distractors)} that must be left alone.\n")
-    # The documented behaviours the steps already handle (sandbox DEMO_BEHAVIOURS) are on.
-    config = SandboxConfig.realistic(provisioning_delay_s=2.0)
+    # The documented behaviours the steps already handle (sandbox DEMO_BEHAVIOURS) are on. Partner Center offers a
+    # transition with license transfer to some customers, a transition without it (licenses would not move) to one,
+    # and nothing to the rest: under MIGRATION_PATH_POLICY=prefer_native each migration takes the path it has.
+    native = demo_native_paths(manifest)
+    config = SandboxConfig.realistic(provisioning_delay_s=2.0, native_paths=native, native_completion_s=1.0)
     with AzuriteProcess() as azurite, SandboxServer(state, config) as sandbox:
         env = {
             "PARTNER_CENTER_ENDPOINT": sandbox.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "false",
             "REPLACEMENT_OFFERS": json.dumps(DEMO_REPLACEMENT_OFFERS), "AzureWebJobsStorage": azurite.connection_string,
             "PROVISIONING_POLL_SECONDS": "2", "DETECT_SCHEDULE": "0 0 6 * * *", "EXPIRY_WINDOW_DAYS": "60",
-            "MAX_PURCHASES_PER_RUN": "1000",
+            "MAX_PURCHASES_PER_RUN": "1000", "MIGRATION_PATH_POLICY": "prefer_native",
             # the sandbox has no rate limit unless told; pace at a generous local budget
             "PARTNER_CENTER_REQUESTS_PER_MINUTE": "6000", "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE": "6000",
         }
@@ -287,7 +319,8 @@ def run_demo(*, customers: int = 24, seed: int = 7, timeout: float = 300.0, out:
             left = [(d.customer_id, d.offer_name, d.reason) for d in manifest.distractors]
             out.write("\n")
             _print_report(out, records, left, problems, time.monotonic() - started,
-                          controls=asyncio.run(_controls(settings)), policy=settings.replacement_quantity_policy)
+                          controls=asyncio.run(_controls(settings)), policy=settings.replacement_quantity_policy,
+                          path_policy=settings.migration_path_policy)
         finally:
             for k, v in previous.items():
                 if v is None:

@@ -9,7 +9,9 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,6 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ._catalog import product_mapping
 from ._config import SandboxConfig
 from ._faults import SlidingWindow, is_app_only, jwt_payload
+from ._prices import handle_price_sheet
 from ._products import product_routes
 from ._seed import seed_world
 from ._state import ApiError, SandboxState, link
@@ -365,6 +368,16 @@ class SandboxApp:
             if cfg.latency_ms:
                 await asyncio.sleep(float(cfg.latency_ms) / 1000.0)
             segments = [s.lower() for s in path.strip("/").split("/")]
+            if segments and segments[0] == "v1.0":  # the Partner API host's price sheet (get-a-price-sheet)
+                query = {k.lower(): v for k, v in parse_qsl(log["query"])}
+                answer = handle_price_sheet(path.lower(), query, headers, cfg, datetime.now(UTC))
+                if answer is not None:
+                    sheet_status, sheet_headers, sheet = answer
+                    await send({"type": "http.response.start", "status": sheet_status,
+                                "headers": [(b"content-length", str(len(sheet)).encode()), *sheet_headers, *echo]})
+                    await send({"type": "http.response.body", "body": sheet})
+                    log["status"] = sheet_status
+                    return
             if not segments or segments[0] != "v1":
                 await respond(404, err(404, 1000, f"Resource {path} not found."))
                 return

@@ -89,6 +89,9 @@ class SandboxConfig:
     native_license_error_users: list[str] = field(default_factory=list)
     native_completion_s: float = 0.0
     native_source_left_active: bool = False
+    # The partner price sheet (get-a-price-sheet, _prices): served for every market unless switched off (404, as for a
+    # market or timeline with no sheet).
+    price_sheet_available: bool = True
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

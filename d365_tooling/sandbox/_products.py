@@ -6,7 +6,7 @@ target view that is not allowed), ``get-a-product-by-id`` (404 ``400013``), ``ge
 ``get-a-sku-by-id`` (404 ``400018``), ``get-a-list-of-availabilities-for-a-sku`` and ``get-an-availability-by-id``
 (404 ``400019``), ``product-resources`` (Product, Sku, Availability with ``catalogItemId``, ``segment``, ``terms``
 [``duration``, ``billingCycle``, ``cancellationPolicies``], ``defaultCurrency``). None of them carries a price:
-partner prices are in the price sheet API (``get-a-price-sheet``), which this sandbox does not serve.
+partner prices are in the price sheet API (``get-a-price-sheet``), served by ``_prices``.
 
 Products come from the sandbox catalog (``_catalog``): every new-commerce catalog item ``productId:skuId:
 availabilityId``. Government availabilities exist only in the US; ``country`` is required (400 without it).
