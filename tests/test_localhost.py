@@ -167,10 +167,13 @@ async def test_batch_size_invocations_run_in_parallel(storage: str) -> None:
     ) as host:
         report = await host.run(timeout=20, idle_seconds=0.3)
     assert report.functions["slow"].successes == 8
-    assert report.elapsed < 8 * 0.4  # sequential would take 3.2 s plus idle time
     done = [json.loads(m) for m in messages(storage, "lh-slow-done")]
     assert sorted(d["id"] for d in done) == list(range(8))
     assert len({d["thread"] for d in done}) > 1  # sync mains ran in several threads
+    # …at the same time: the most invocations running at once (from their own start/end marks, one process)
+    marks = sorted([(d["started"], 1) for d in done] + [(d["ended"], -1) for d in done])
+    running = [sum(step for _, step in marks[:i + 1]) for i in range(len(marks))]
+    assert max(running) > 1
 
 
 async def test_lease_is_renewed_while_main_runs(storage: str) -> None:
@@ -226,10 +229,8 @@ async def test_run_stops_when_idle_and_on_timeout(storage: str) -> None:
     async with LocalHost(
         APP, connection_string=storage, env=ENV, functions=["echo", "relay"], host_overrides=FAST
     ) as host:
-        t0 = time.monotonic()
         report = await host.run(idle_seconds=0.3, timeout=10)
-        assert report.stopped_because == "idle" and report.invocations == 0
-        assert time.monotonic() - t0 < 3
+        assert report.stopped_because == "idle" and report.invocations == 0  # not the 10 s timeout
         report = await host.run(idle_seconds=None, timeout=0.5)
         assert report.stopped_because == "timeout"
         # an invisible (in-flight elsewhere) message keeps the queue busy: approximate count includes it
