@@ -443,12 +443,22 @@ class CustomerUser:
     user_principal_name: str | None
     display_name: str | None
     usage_location: str | None
+    # ``state``: ``active`` or ``inactive`` (user-resources; a soft-deleted user is inactive, view-a-deleted-user);
+    # lower-case, None when the answer has no state.
+    state: str | None = None
+
+    @property
+    def is_active(self) -> bool:
+        """An answer without ``state`` (older shapes) counts as active; any other value than ``active`` does not."""
+        return self.state is None or self.state == "active"
 
     @classmethod
     def parse(cls, data: Any) -> CustomerUser:
         obj = _obj(data, "CustomerUser")
+        state = _opt_str(obj, "state")
         return cls(id=_req_str(obj, "id", "CustomerUser"), user_principal_name=_opt_str(obj, "userPrincipalName"),
-                   display_name=_opt_str(obj, "displayName"), usage_location=_opt_str(obj, "usageLocation"))
+                   display_name=_opt_str(obj, "displayName"), usage_location=_opt_str(obj, "usageLocation"),
+                   state=state.lower() if state else None)
 
 
 @dataclass(frozen=True)

@@ -424,6 +424,71 @@ def test_user_without_usage_location_cannot_get_new_license(sandbox: SandboxServ
         assert new_sku not in [x["productSku"]["id"] for x in lic["items"]]
 
 
+def _license_world() -> tuple[SandboxState, str, str, str, list[str]]:
+    """One customer, a retired subscription of 3 whose SKU two users hold, and 3 units of its replacement."""
+    state = SandboxState()
+    cid = str(uuid.uuid4())
+    state.add_customer(cid, "lic.onmicrosoft.com", "Licenses Inc")
+    offer = RETIRED_OFFERS[0]
+    sub = state.add_subscription(cid, offer=offer, quantity=3, commitment_end="2027-01-01T00:00:00Z")
+    new = DEMO_REPLACEMENT_OFFERS[str(offer.family)][str(offer.audience)]
+    state.purchase_by_hand(cid, new, 3)
+    users = [str(uuid.uuid4()) for _ in range(2)]
+    for n, uid in enumerate(users):
+        state.add_user(cid, uid, f"u{n}@lic.test", "U", str(n), "US", [offer.sku.id])
+    return state, cid, sub.id, sku_for_offer(new).id.lower(), users  # type: ignore[union-attr]
+
+
+def _consumed(c: httpx.Client, cid: str, sku_id: str) -> int | None:
+    entry = _sku_entry(c, cid, sku_id)
+    return None if entry is None else int(entry["consumedUnits"])
+
+
+def test_deleted_users_are_inactive_released_and_not_found_by_the_license_routes() -> None:
+    state, cid, _, _, users = _license_world()
+    old = RETIRED_OFFERS[0].sku.id
+    with SandboxServer(state, SandboxConfig()) as srv, client(srv) as c:
+        assert _consumed(c, cid, old) == 2
+        state.delete_user(cid, users[0])
+        assert [u["id"] for u in c.get(f"/v1/customers/{cid}/users").json()["items"]] == [users[1]]
+        srv.config.deleted_users_listed = True
+        listed = {u["id"]: u for u in c.get(f"/v1/customers/{cid}/users").json()["items"]}
+        assert listed[users[0]]["state"] == "inactive" and "softDeletionTime" in listed[users[0]]
+        assert listed[users[1]]["state"] == "active" and "softDeletionTime" not in listed[users[1]]
+        r = c.get(f"/v1/customers/{cid}/users/{users[0]}/licenses")
+        assert r.status_code == 404 and r.json()["code"] == 60002
+        r = c.post(f"/v1/customers/{cid}/users/{users[0]}/licenseupdates", json={"licensesToRemove": [old]})
+        assert r.status_code == 404 and r.json()["code"] == 60002
+        assert _consumed(c, cid, old) == 1  # a deleted user's license is released
+        # deleted right after the page that lists it: the licenses read that follows is a 404 60002
+        srv.config.users_deleted_after_listing = [users[1]]
+        assert users[1] in [u["id"] for u in c.get(f"/v1/customers/{cid}/users").json()["items"]]
+        assert c.get(f"/v1/customers/{cid}/users/{users[1]}/licenses").json()["code"] == 60002
+
+
+def test_consumed_units_lag_dropped_assignments_omitted_skus_and_if_match_rejected() -> None:
+    state, cid, sid, new, users = _license_world()
+    now = [time.time() + 1]
+    state.clock = lambda: now[0]
+    old = RETIRED_OFFERS[0].sku.id
+    swap = {"licensesToAssign": [{"skuId": new}], "licensesToRemove": [old]}
+    with SandboxServer(state, SandboxConfig(consumed_units_lag_s=60, license_assignments_dropped=1)) as srv, \
+            client(srv) as c:
+        assert c.post(f"/v1/customers/{cid}/users/{users[0]}/licenseupdates", json=swap).status_code == 201
+        assert state.user_licenses(cid, users[0]) == []  # removed, but the assignment did not stick
+        assert c.post(f"/v1/customers/{cid}/users/{users[1]}/licenseupdates", json=swap).status_code == 201
+        assert state.user_licenses(cid, users[1]) == [new]
+        assert (_consumed(c, cid, old), _consumed(c, cid, new)) == (2, 0)  # subscribedskus not caught up yet
+        now[0] += 61
+        assert (_consumed(c, cid, old), _consumed(c, cid, new)) == (0, 1)
+        srv.config.subscribed_skus_omitted = [old.lower()]
+        assert _sku_entry(c, cid, old) is None and _sku_entry(c, cid, new) is not None
+        srv.config.if_match_always_rejected = True
+        r = _etag_patch(c, cid, sid, {"status": "suspended"})
+        assert r.status_code == 412 and r.json()["code"] == 2055
+        assert state.subscription(cid, sid)["status"] == "active"
+
+
 # ----------------------------------------------------------------------------------------------- auth, throttling
 def test_auth_app_only_vs_app_user(sandbox_factory: Any) -> None:
     srv = sandbox_factory(require_auth=True)

@@ -13,6 +13,8 @@ __all__ = [
     "CHECKOUT_IN_PROGRESS_DELAY_SECONDS",
     "CLOCK_SKEW",
     "ETAG_CHANGED_DELAY_SECONDS",
+    "ETAG_REJECTED_BACKOFF",
+    "ETAG_REJECTIONS_MAX",
     "FAIL_ATTEMPTS",
     "LEASE",
     "MAX_REASSIGN_TRIPS",
@@ -60,7 +62,15 @@ CHECKOUT_IN_PROGRESS_DELAY_SECONDS = 30
 # 412 / 2055 on the suspend PATCH: someone changed the subscription between our GET and PATCH; re-read at once.
 ETAG_CHANGED_DELAY_SECONDS = 1
 
-# How often suspend may send a record back to reassign (a user holds the old SKU again) before a human must look.
+# ... but every PATCH goes right after a fresh GET, so rejections in a row mean the If-Match itself is refused (its
+# format, or something keeps changing the subscription): wait ETAG_CHANGED_DELAY_SECONDS × this factor more after
+# each, and block (reason etag_rejected) at the ETAG_REJECTIONS_MAX-th.
+ETAG_REJECTED_BACKOFF = 4
+ETAG_REJECTIONS_MAX = 4
+
+# How often suspend may send a record back to reassign and have someone really moved again (a user holds the old SKU
+# again) before a human must look. Hand-backs after which nobody needed moving (the reported units lag) do not count:
+# the suspension waits for the units by time instead (steps/_waits.py).
 MAX_REASSIGN_TRIPS = 3
 
 # Polls (PROVISIONING_POLL_SECONDS apart) to wait for a new subscription's product SKU to become readable: the

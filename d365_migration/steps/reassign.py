@@ -5,13 +5,18 @@ Read top to bottom, for one record whose replacement is active:
 1. Know both SKUs: the old and the new subscription's product SKU (from provisioning status, else the catalog's SKU
    part numbers against the customer's subscribed SKUs); wait while they are not readable yet. The same SKU on both
    sides means nobody needs moving.
-2. Page by page through the customer's users: find who holds the old SKU, check the new SKU has room for them, and
+2. Before the first page, the old SKU must be listed in the customer's subscribed SKUs: the suspension can only
+   check that nobody holds a SKU it can see, so a pass over a SKU that is not there never ends in "all moved" (it
+   waits, then blocks; the old subscription stays active).
+3. Page by page through the customer's users: find who holds the old SKU, check the new SKU has room for them, and
    move each with ONE license update that assigns the new SKU and removes the old one together (a user is never
    without the product). Each page's progress and the next page's cursor are saved, so thousands of users resume
    where the last invocation stopped.
+   Users whose ``state`` is not active (soft-deleted, user-resources) are not touched; a user deleted meanwhile
+   (``404 60002``) is recorded as ``gone``; any other refusal of one user's licenses is that user's failure.
    With a pooled SKU (also granted by another subscription), only the users an operator named move
    (``retry … --users-file``).
-3. Any user who could not be moved blocks the record (the old subscription stays active); otherwise ``reassigned``
+4. Any user who could not be moved blocks the record (the old subscription stays active); otherwise ``reassigned``
    and the record goes on to the suspension.
 """
 
@@ -20,25 +25,37 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from .._client import PageRequest, RequestAttempt
-from .._exceptions import PartnerCenterApiError, ProvisioningNotReadyError
+from .._exceptions import NotFoundError, PartnerCenterApiError, ProvisioningNotReadyError
 from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
 from .._settings import is_guid
 from ._routes import states_owned_by
+from ._waits import MOVED_AGAIN, handed_back_without_moves, throttling_waits, waited_too_long
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["run"]
 
 
+#: error-codes: ``404 60002`` "User object ID isn't found" — the user was deleted since the users page was read.
+USER_NOT_FOUND = "60002"
+
+
 async def run(work: Work) -> StepResult:
     """The license step for ``work.record``.
 
-    :raises RetryLater: SKUs or free units are not visible yet, or the invocation budget is used up.
+    :raises RetryLater: SKUs or free units are not visible yet, the invocation budget is used up, or Partner Center
+        still throttles after the client's retries.
     :raises PartnerCenterError: a call failed after the client's retries (the message is retried).
     """
+    with throttling_waits():
+        return await _run(work)
+
+
+async def _run(work: Work) -> StepResult:
     record = work.record
     if record.state == "reassigned":
         return work.hand_over("already reassigned")
@@ -56,6 +73,8 @@ async def run(work: Work) -> StepResult:
                               "old and new subscription grant the same product SKU; no user needs moving")
         return work.hand_over("reassigned")
 
+    if not work.record.users_cursor and not await _old_sku_listed(work, old_sku):
+        return work.stop("blocked")
     budget = timedelta(seconds=work.settings.invocation_budget_seconds)
     page: PageRequest | None = (PageRequest.from_json(json.loads(work.record.users_cursor))
                                 if work.record.users_cursor else work.client.first_user_page(record.customer_id))
@@ -72,19 +91,39 @@ async def run(work: Work) -> StepResult:
             f"{work.record.users_failed} user(s) could not be moved, so the old subscription stays active: "
             + (work.record.user_failures or "")[:700], users_failed=0, user_failures=None)
         return work.stop("blocked")
+    nobody = (" (nobody held the old SKU any more when the suspension's check sent the record back: the reported "
+              "units lag the moves)" if handed_back_without_moves(work.record) else "")
     await work.transition("reassigned", "licenses_moved",
-                          f"{work.record.users_moved} moved, {work.record.users_skipped} already on the new SKU")
+                          f"{work.record.users_moved} moved, {work.record.users_skipped} already on the new SKU"
+                          + nobody, wait_kind=None, wait_started_at=None)
     return work.hand_over("reassigned")
 
 
-async def _waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
-    """Start (or continue) the wait named ``kind``, measured by the injected clock; True once it has lasted longer
-    than ``limit_minutes``. Each wait has its own start, so a slow SKU never eats the free-units wait."""
-    record, now = work.record, work.now()
-    if record.wait_kind != kind or not record.wait_started_at:
-        await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
+async def _old_sku_listed(work: Work, old_sku: str) -> bool:
+    """Is the old SKU in the customer's subscribed SKUs? Waits (by time) while it is not; ``False`` after blocking.
+
+    The old subscription is active, so its SKU must be listed (get-a-list-of-available-licenses lists every SKU the
+    customer subscribes to). An id that is not there is not one the suspension's "nobody holds it" check can see —
+    e.g. a provisioning-status ``skuId`` that is not a ``productSku.id`` (get-subscription-provisioning-status only
+    calls it "the subscription s.k.u id") — so moving "everybody" on it proves nothing: fail closed.
+
+    :raises RetryLater: not listed yet, within ``SUBSCRIBED_SKU_WAIT_MINUTES``.
+    """
+    record = work.record
+    listed = {s.product_sku.id.lower() for s in await work.client.list_subscribed_skus(record.customer_id)}
+    if old_sku.lower() in listed:
+        return True
+    limit = work.settings.subscribed_sku_wait_minutes
+    if await waited_too_long(work, "old_sku_listed", limit):
+        await work.transition(
+            "blocked", "old_sku_not_listed",
+            f"the old subscription's SKU {old_sku} is not in the customer's subscribed SKUs after {limit} min "
+            "(SUBSCRIBED_SKU_WAIT_MINUTES), so nobody can tell whether every user was moved; nobody was moved and "
+            "the old subscription stays active. Check which product SKU the old subscription grants (Partner Center "
+            "→ the customer → Licenses), then `python -m d365_migration retry`",
+            wait_kind=None, wait_started_at=None)
         return False
-    return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
+    raise RetryLater(f"old SKU {old_sku} not in the customer's subscribed SKUs")
 
 
 async def _resolve_skus(work: Work) -> bool:
@@ -103,12 +142,12 @@ async def _resolve_skus(work: Work) -> bool:
     if not new_sku:
         # Provisioning status "is updated every 15 minutes" (get-subscription-provisioning-status).
         limit = work.settings.provisioning_status_wait_minutes
-        if await _waited_too_long(work, "provisioning_status", limit):
+        if await waited_too_long(work, "provisioning_status", limit):
             await work.transition(
                 "blocked", "provisioning_status_unavailable",
                 f"the replacement's provisioning status {pending} after {limit} min "
                 "(PROVISIONING_STATUS_WAIT_MINUTES); check the subscription in Partner Center, then "
-                "`python -m d365_migration retry`")
+                "`python -m d365_migration retry`", wait_kind=None, wait_started_at=None)
             return False
         raise RetryLater(f"replacement's provisioning status {pending}")
     if not old_sku:
@@ -145,66 +184,148 @@ async def _sku_of(work: Work, subscription_id: str, *, old: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Holder:
+    user_id: str
+    upn: str | None
+    has_new: bool  # already holds the new SKU: only the old one is removed
+
+
+@dataclass
+class _PageScan:
+    """What one users page holds: the old SKU's holders, and the users whose licenses could not be read."""
+
+    holders: list[_Holder] = field(default_factory=list)
+    gone: list[tuple[CustomerUser, PartnerCenterApiError]] = field(default_factory=list)  # 404 60002
+    unreadable: list[tuple[CustomerUser, PartnerCenterApiError]] = field(default_factory=list)  # any other 4xx
+    inactive: int = 0  # state is not active: not touched
+
+
+@dataclass
+class _PageMoves:
+    moved: int = 0
+    skipped: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return self.moved + self.skipped
+
+
+def _is_user_gone(exc: PartnerCenterApiError) -> bool:
+    return isinstance(exc, NotFoundError) and exc.code == USER_NOT_FOUND
+
+
+def _is_retried(exc: PartnerCenterApiError) -> bool:
+    """5xx and 429 after the client's retries: no answer about the user seen; the message is retried."""
+    return exc.status >= 500 or exc.status == 429
+
+
 async def _move_page(work: Work, page: PageRequest, old_sku: str, new_sku: str) -> PageRequest | None:
     """Move the holders of one users page; save the progress and the next page's cursor; return that cursor.
     Blocks the record (and returns ``None``) when the new SKU has too few free units."""
     record, client = work.record, work.client
     users, next_page = await client.user_page(page)
-    holders = await _holders(work, users, old_sku, new_sku)
-    need_units = sum(1 for _, _, has_new in holders if not has_new)
-    if need_units:
-        skus = {s.product_sku.id.lower(): s for s in await client.list_subscribed_skus(record.customer_id)}
-        listed = skus.get(new_sku.lower())
-        available = listed.available_units if listed is not None else 0
-        if listed is None:
-            # subscribedskus lags a new subscription: wait for the SKU to be listed at all, by its own clock.
-            limit = work.settings.subscribed_sku_wait_minutes
-            if await _waited_too_long(work, "subscribed_sku", limit):
-                await work.transition(
-                    "blocked", "new_sku_not_listed",
-                    f"the new SKU {new_sku} is not in the customer's subscribed SKUs {limit} min after the "
-                    "replacement became active (SUBSCRIBED_SKU_WAIT_MINUTES); check the subscription in Partner "
-                    "Center, then `python -m d365_migration retry`")
-                return None
-            raise RetryLater(f"new SKU not in subscribed SKUs yet ({need_units} users to move)")
-        if available < need_units:
-            limit = work.settings.free_units_wait_minutes
-            if await _waited_too_long(work, "free_units", limit):
-                await work.transition(
-                    "blocked", "not_enough_licenses",
-                    f"{need_units} users hold the old SKU but only {available} units of the new SKU are free "
-                    f"after {limit} min (FREE_UNITS_WAIT_MINUTES); buy more, then `python -m d365_migration retry`")
-                return None
-            raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
-    moved = skipped = 0
-    failures: list[str] = []
-    answers = await work.deps.ledger.user_answers(record, [user_id for user_id, _, _ in holders]) if holders else {}
-    for user_id, upn, has_new in holders:
-        attempt = _license_attempt(work, user_id, answers.get(user_id.lower(), 0))
-        try:
-            answer = await client.update_user_licenses(
-                record.customer_id, user_id, assign=[] if has_new else [new_sku], remove=[old_sku],
-                request_id=attempt)
-        except PartnerCenterApiError as exc:
-            if exc.status >= 500 or exc.status == 429:
-                raise  # no answer seen (the client's retries ran out): the next delivery re-sends the same id
-            failures.append(f"{upn or user_id}: {exc.description} (code {exc.code})")
-            await work.deps.ledger.record_user(record, UserOutcome(user_id, "failed", str(exc), upn,
-                                                                   answers=attempt.attempt + 1))
-            continue
-        moved += not has_new
-        skipped += has_new
-        # licenseWarnings come with a successful update: kept with the user's outcome for the operator.
-        warned = "; ".join(f"license warning {w.code}: {w.message}" for w in answer.warnings) or None
-        await work.deps.ledger.record_user(record, UserOutcome(user_id, "skipped" if has_new else "moved", warned,
-                                                               upn, answers=attempt.attempt + 1))
+    scan = await _holders(work, users, old_sku, new_sku)
+    need_units = sum(1 for h in scan.holders if not h.has_new)
+    if need_units and not await _room_for(work, new_sku, need_units):
+        return None
+    recorded = [h.user_id for h in scan.holders] + [u.id for u, _ in scan.gone + scan.unreadable]
+    answers = await work.deps.ledger.user_answers(record, recorded) if recorded else {}
+    moves = _PageMoves()
+    for user, exc in scan.gone:
+        await _record_gone(work, user.id, user.user_principal_name, exc, answers.get(user.id.lower(), 0))
+    for user, exc in scan.unreadable:
+        moves.failures.append(f"{user.user_principal_name or user.id}: licenses unreadable: {exc.description} "
+                              f"(HTTP {exc.status} code {exc.code})")
+        await work.deps.ledger.record_user(record, UserOutcome(user.id, "failed", f"licenses unreadable: {exc}",
+                                                               user.user_principal_name,
+                                                               answers=answers.get(user.id.lower(), 0)))
+    for holder in scan.holders:
+        await _move_user(work, holder, old_sku, new_sku, answers.get(holder.user_id.lower(), 0), moves)
+    if scan.inactive:
+        work.log(logging.INFO, "event=inactive_users_skipped count=%d (state is not active)", scan.inactive)
     latest = work.record
-    await work.checkpoint(
-        users_moved=latest.users_moved + moved, users_skipped=latest.users_skipped + skipped,
-        users_failed=latest.users_failed + len(failures),
-        user_failures="; ".join(x for x in (latest.user_failures, *failures) if x) or None,
+    changes = dict(
+        users_moved=latest.users_moved + moves.moved, users_skipped=latest.users_skipped + moves.skipped,
+        users_failed=latest.users_failed + len(moves.failures),
+        user_failures="; ".join(x for x in (latest.user_failures, *moves.failures) if x) or None,
         users_cursor=json.dumps(next_page.to_json()) if next_page else None, wait_kind=None, wait_started_at=None)
+    if moves.changed and handed_back_without_moves(latest):
+        # The suspension sent the record back and this pass really changed someone's licenses: one trip.
+        await work.transition(latest.state, MOVED_AGAIN,
+                              f"{moves.changed} user(s) held the old SKU again after it was handed back", **changes)
+    else:
+        await work.checkpoint(**changes)
     return next_page
+
+
+async def _room_for(work: Work, new_sku: str, need_units: int) -> bool:
+    """Does the new SKU have ``need_units`` free units? Waits (by time) while it is not listed or too small;
+    ``False`` after blocking.
+
+    :raises RetryLater: not listed yet, or too few units free yet.
+    """
+    skus = {s.product_sku.id.lower(): s for s in await work.client.list_subscribed_skus(work.record.customer_id)}
+    listed = skus.get(new_sku.lower())
+    if listed is None:
+        # subscribedskus lags a new subscription: wait for the SKU to be listed at all, by its own clock.
+        limit = work.settings.subscribed_sku_wait_minutes
+        if await waited_too_long(work, "subscribed_sku", limit):
+            await work.transition(
+                "blocked", "new_sku_not_listed",
+                f"the new SKU {new_sku} is not in the customer's subscribed SKUs {limit} min after the "
+                "replacement became active (SUBSCRIBED_SKU_WAIT_MINUTES); check the subscription in Partner "
+                "Center, then `python -m d365_migration retry`", wait_kind=None, wait_started_at=None)
+            return False
+        raise RetryLater(f"new SKU not in subscribed SKUs yet ({need_units} users to move)")
+    available = listed.available_units
+    if available < need_units:
+        limit = work.settings.free_units_wait_minutes
+        if await waited_too_long(work, "free_units", limit):
+            await work.transition(
+                "blocked", "not_enough_licenses",
+                f"{need_units} users hold the old SKU but only {available} units of the new SKU are free "
+                f"after {limit} min (FREE_UNITS_WAIT_MINUTES); buy more, then `python -m d365_migration retry`",
+                wait_kind=None, wait_started_at=None)
+            return False
+        raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
+    return True
+
+
+async def _move_user(work: Work, holder: _Holder, old_sku: str, new_sku: str, answers: int,
+                     moves: _PageMoves) -> None:
+    """One license update: assign the new SKU (unless held) and remove the old one together; record the outcome."""
+    record = work.record
+    attempt = _license_attempt(work, holder.user_id, answers)
+    try:
+        answer = await work.client.update_user_licenses(
+            record.customer_id, holder.user_id, assign=[] if holder.has_new else [new_sku], remove=[old_sku],
+            request_id=attempt)
+    except PartnerCenterApiError as exc:
+        if _is_retried(exc):
+            raise  # no answer seen (the client's retries ran out): the next delivery re-sends the same id
+        if _is_user_gone(exc):
+            await _record_gone(work, holder.user_id, holder.upn, exc, attempt.attempt + 1)
+            return
+        moves.failures.append(f"{holder.upn or holder.user_id}: {exc.description} (code {exc.code})")
+        await work.deps.ledger.record_user(record, UserOutcome(holder.user_id, "failed", str(exc), holder.upn,
+                                                               answers=attempt.attempt + 1))
+        return
+    moves.moved += not holder.has_new
+    moves.skipped += holder.has_new
+    # licenseWarnings come with a successful update: kept with the user's outcome for the operator.
+    warned = "; ".join(f"license warning {w.code}: {w.message}" for w in answer.warnings) or None
+    await work.deps.ledger.record_user(record, UserOutcome(holder.user_id, "skipped" if holder.has_new else "moved",
+                                                           warned, holder.upn, answers=attempt.attempt + 1))
+
+
+async def _record_gone(work: Work, user_id: str, upn: str | None, exc: PartnerCenterApiError, answers: int) -> None:
+    """404 60002: the user was deleted after the users page was read. Nothing to move (a deleted user's licenses are
+    released); the suspension's consumed-units check still sees anyone who holds the old SKU."""
+    work.log(logging.WARNING, "event=user_gone user=%s %s", upn or user_id, exc)
+    await work.deps.ledger.record_user(work.record, UserOutcome(user_id, "gone", f"user not found: {exc}", upn,
+                                                                answers=answers))
 
 
 def _license_attempt(work: Work, user_id: str, answers: int) -> RequestAttempt:
@@ -219,23 +340,43 @@ def _license_attempt(work: Work, user_id: str, answers: int) -> RequestAttempt:
     return attempt
 
 
-async def _holders(work: Work, users: list[CustomerUser], old_sku: str,
-                   new_sku: str) -> list[tuple[str, str | None, bool]]:
-    """(user id, UPN, already has the new SKU) of the users on this page who hold the old SKU. Licenses are read
-    concurrently; the client paces them."""
+async def _holders(work: Work, users: list[CustomerUser], old_sku: str, new_sku: str) -> _PageScan:
+    """The users on this page who hold the old SKU (and whether they hold the new one already), and those whose
+    licenses could not be read. Licenses are read concurrently; the client paces them.
+
+    :raises PartnerCenterError: a 5xx, 429 or transport failure after the client's retries, or access denied.
+    """
     semaphore = asyncio.Semaphore(work.settings.max_concurrency)
     customer_id = work.record.customer_id
     named = work.record.named_users  # pooled SKU: the operator said who belongs to the retiring subscription
+    inactive = 0
 
-    async def inspect(user: CustomerUser) -> tuple[str, str | None, bool] | None:
+    async def inspect(user: CustomerUser) -> _Holder | PartnerCenterApiError | None:
+        nonlocal inactive
         if named is not None and (user.user_principal_name or "").lower() not in named:
             return None
-        async with semaphore:
-            licenses = await work.client.get_user_licenses(customer_id, user.id)
+        if not user.is_active:
+            # user-resources: state active|inactive; an inactive (soft-deleted) user's licenses are released and
+            # a license update could only fail.
+            inactive += 1
+            return None
+        try:
+            async with semaphore:
+                licenses = await work.client.get_user_licenses(customer_id, user.id)
+        except PartnerCenterApiError as exc:
+            if _is_retried(exc):
+                raise
+            return exc
         skus = {lic.product_sku.id.lower() for lic in licenses}
         if old_sku.lower() not in skus:
             return None
-        return user.id, user.user_principal_name, new_sku.lower() in skus
+        return _Holder(user.id, user.user_principal_name, new_sku.lower() in skus)
 
     found = await asyncio.gather(*(inspect(u) for u in users))
-    return [h for h in found if h is not None]
+    scan = _PageScan(inactive=inactive)
+    for user, result in zip(users, found, strict=True):  # in page order
+        if isinstance(result, _Holder):
+            scan.holders.append(result)
+        elif isinstance(result, PartnerCenterApiError):
+            (scan.gone if _is_user_gone(result) else scan.unreadable).append((user, result))
+    return scan

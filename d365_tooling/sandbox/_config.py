@@ -92,6 +92,29 @@ class SandboxConfig:
     # The partner price sheet (get-a-price-sheet, _prices): served for every market unless switched off (404, as for a
     # market or timeline with no sheet).
     price_sheet_available: bool = True
+    # --- license move and suspension (steps/reassign.py, steps/suspend.py)
+    # subscribedskus leaves out these product SKU ids (lower-case), e.g. a world where the id a subscription's
+    # provisioning status names is not a productSku.id of get-a-list-of-available-licenses: the SKU is invisible there.
+    subscribed_skus_omitted: list[str] = field(default_factory=list)
+    # user-resources: CustomerUser.state is "active" or "inactive"; view-a-deleted-user lists soft-deleted users with
+    # the UserState=Inactive filter. With this switch the plain users list returns soft-deleted users too (state
+    # "inactive", softDeletionTime): a fake need not filter them. Their licenses and license updates answer 404 60002.
+    deleted_users_listed: bool = False
+    # These user ids are soft-deleted right after a users page listing them is served: the licenses read that follows
+    # answers 404 60002 "User object ID isn't found" (error-codes).
+    users_deleted_after_listing: list[str] = field(default_factory=list)
+    # subscribedskus consumedUnits (and availableUnits) reflect a license change only this many seconds after it:
+    # get-a-list-of-available-licenses promises no read-your-writes, and provisioning status "is updated every 15
+    # minutes" (get-subscription-provisioning-status) and shows "pending" during license changes.
+    consumed_units_lag_s: float = 0.0
+    # Stricter than documented: the next N license updates that assign a SKU answer 201 and apply the removal, but the
+    # assignment silently does not stick (the SDK's licenseupdates CreateAsync is asynchronous and provisioning status
+    # is "pending" during license changes; assign-licenses-to-a-user documents no failure after the 201).
+    license_assignments_dropped: int = 0
+    # Every PATCH that carries If-Match answers 412 2055 "Etag is no longer valid" (error-codes), e.g. a fake that
+    # compares the header byte for byte with an ETag it expects unquoted (suspend-a-subscription's example sends
+    # If-Match: <etag>, test-and-debug says ETags are sent in double quotes).
+    if_match_always_rejected: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

@@ -80,9 +80,10 @@ class User:
     last_name: str
     usage_location: str | None
     skus: list[str] = field(default_factory=list)  # lower-case product SKU ids
+    deleted_at: float | None = None  # soft-deleted (view-a-deleted-user): state "inactive", licenses released
 
     def to_json(self, customer_id: str) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "userPrincipalName": self.user_principal_name,
             "firstName": self.first_name,
@@ -90,10 +91,13 @@ class User:
             "displayName": self.display_name,
             "usageLocation": self.usage_location,
             "userDomainType": "none",
-            "state": "active",
+            "state": "active" if self.deleted_at is None else "inactive",
             "links": {"self": link(f"/customers/{customer_id}/users/{self.id}")},
             "attributes": {"objectType": "CustomerUser"},
         }
+        if self.deleted_at is not None:
+            out["softDeletionTime"] = iso(self.deleted_at)
+        return out
 
 
 @dataclass(slots=True)
@@ -318,6 +322,8 @@ class SandboxState:
         # (customer, subscription) -> accepted (202) PATCH not applied yet: {"apply_at", "target", "rec"}
         self._pending_patches: dict[tuple[str, str], dict[str, Any]] = {}
         self._rotations: dict[tuple[str, str], int] = {}  # (product, sku) -> extra availability rotations
+        # (time, lower-case product SKU id, +1/-1): every change of a SKU's consumed units, for consumed_units_lag_s
+        self._consumed_changes: list[tuple[float, str, int]] = []
         self.native_ops: list[Any] = []  # _transitions.NativeOperation: transitions/upgrades performed
 
     # ------------------------------------------------------------------ building (seed / by hand)
@@ -389,6 +395,17 @@ class SandboxState:
         if u is None:
             raise ApiError(404, 60002, f"User object ID {user_id} isn't found.")
         return u
+
+    def _live_user(self, c: Customer, user_id: str) -> User:
+        """The user as the license routes see it: a soft-deleted user is not found (404 60002, error-codes)."""
+        u = self._user(c, user_id)
+        if u.deleted_at is not None:
+            raise ApiError(404, 60002, f"User object ID {user_id} isn't found.")
+        return u
+
+    def _consumed_changed(self, sku_ids: list[str], delta: int) -> None:
+        now = self.clock()
+        self._consumed_changes.extend((now, sku_id, delta) for sku_id in sku_ids)
 
     def _event(self, kind: str, **data: Any) -> None:
         self._events.append({"type": kind, "time": self.clock(), **data})
@@ -565,6 +582,8 @@ class SandboxState:
             saved = (s.status, s.quantity, s.friendly_name, s.auto_renew)
             if not isinstance(body, dict):
                 raise ApiError(400, 800002, "Invalid request input: the body must be a Subscription object.")
+            if if_match is not None and if_match.strip() and self.config.if_match_always_rejected:
+                raise ApiError(412, 2055, "Etag is no longer valid", [f"If-Match {if_match.strip()!r} refused."])
             if if_match is not None and if_match.strip():
                 sent = if_match.strip()
                 if sent.startswith("W/"):
@@ -884,8 +903,15 @@ class SandboxState:
     def list_users(self, customer_id: str, offset: int, size: int) -> tuple[list[dict[str, Any]], int | None]:
         with self.lock:
             c = self._customer(customer_id)
-            users = list(c.users.values())
-            page = [u.to_json(c.id) for u in users[offset:offset + size]]
+            # The plain list shows active users; soft-deleted ones only with deleted_users_listed (view-a-deleted-user
+            # documents a UserState filter for them).
+            users = [u for u in c.users.values() if u.deleted_at is None or self.config.deleted_users_listed]
+            listed = users[offset:offset + size]
+            page = [u.to_json(c.id) for u in listed]
+            doomed = {str(x).lower() for x in self.config.users_deleted_after_listing}
+            for u in listed:
+                if u.id.lower() in doomed and u.deleted_at is None:
+                    self._soft_delete(c, u)  # deleted between this list and the licenses read that follows
             return page, (offset + size if offset + size < len(users) else None)
 
     def user_json(self, customer_id: str, user_id: str) -> dict[str, Any]:
@@ -896,7 +922,7 @@ class SandboxState:
     def user_licenses_json(self, customer_id: str, user_id: str) -> list[dict[str, Any]]:
         with self.lock:
             c = self._customer(customer_id)
-            u = self._user(c, user_id)
+            u = self._live_user(c, user_id)
             out = []
             for sku_id in u.skus:
                 sku = ALL_SKUS.get(sku_id) or ProductSku(sku_id, "UNKNOWN", "Unknown product")
@@ -923,16 +949,31 @@ class SandboxState:
             elif s.status == "expired":
                 u["warning"] += s.quantity
         for user in c.users.values():
+            if user.deleted_at is not None:
+                continue  # a deleted user's licenses are released
             for sku_id in user.skus:
                 units.setdefault(sku_id, {"active": 0, "suspended": 0, "warning": 0, "consumed": 0})["consumed"] += 1
         return units
+
+    def _reported_units(self, c: Customer) -> dict[str, dict[str, int]]:
+        """:meth:`_sku_units` as subscribedskus shows them: consumed units lag license changes by
+        ``consumed_units_lag_s`` (the license updates themselves check the real counts)."""
+        units = self._sku_units(c)
+        lag = float(self.config.consumed_units_lag_s)
+        if lag:
+            recent = self.clock() - lag
+            for at, sku_id, delta in self._consumed_changes:
+                if at > recent and sku_id in units:
+                    units[sku_id]["consumed"] = max(0, units[sku_id]["consumed"] - delta)
+        omitted = {str(x).lower() for x in self.config.subscribed_skus_omitted}
+        return {k: v for k, v in units.items() if k not in omitted}
 
     def subscribed_skus_json(self, customer_id: str) -> list[dict[str, Any]]:
         self.tick()
         with self.lock:
             c = self._customer(customer_id)
             out = []
-            for sku_id, u in self._sku_units(c).items():
+            for sku_id, u in self._reported_units(c).items():
                 sku = ALL_SKUS.get(sku_id) or ProductSku(sku_id, "UNKNOWN", "Unknown product")
                 total = u["active"] + u["warning"]
                 out.append({
@@ -953,7 +994,7 @@ class SandboxState:
         self.tick()
         with self.lock:
             c = self._customer(customer_id)
-            u = self._user(c, user_id)
+            u = self._live_user(c, user_id)
             if not isinstance(body, dict):
                 raise ApiError(400, 800002, "Invalid request input: the body must be a LicenseUpdate object.")
             raw_assign = ci_get(body, "licensesToAssign") or []
@@ -990,7 +1031,14 @@ class SandboxState:
                          "does not have any available licenses left."],
                     )
             removed = [s for s in u.skus if s in remove]
+            dropped: list[str] = []
+            if added and self.config.license_assignments_dropped > 0:
+                # the 201 below is answered, the removal applied, but the assignment does not stick
+                self.config.license_assignments_dropped -= 1
+                dropped, new_skus = added, [s for s in new_skus if s not in added]
             u.skus = new_skus
+            self._consumed_changed([s for s in added if s not in dropped], +1)
+            self._consumed_changed(removed, -1)
             warnings: list[dict[str, Any]] = []
             if self.config.license_warnings and added:
                 # license-resources: LicenseUpdate.licenseWarnings [{code, message, servicePlans}] on success.
@@ -999,9 +1047,9 @@ class SandboxState:
                 warnings.append({"code": "DependentServicePlanDisabled",
                                  "message": "A service plan of the assigned license depends on a plan that is "
                                             "disabled for this user.", "servicePlans": plans})
-            rec = {"customer_id": c.id, "user_id": u.id, "assigned": added, "removed": removed,
-                   "requested_assign": assign, "requested_remove": remove, "time": self.clock(),
-                   "warnings": warnings}
+            rec = {"customer_id": c.id, "user_id": u.id, "assigned": [s for s in added if s not in dropped],
+                   "removed": removed, "requested_assign": assign, "requested_remove": remove, "time": self.clock(),
+                   "warnings": warnings, "dropped": dropped}
             self._license_updates.append(rec)
             self._event("license_update", **{k: v for k, v in rec.items() if k != "time"})
             return {"licensesToAssign": echo, "licenseWarnings": warnings,
@@ -1091,6 +1139,8 @@ class SandboxState:
         with self.lock:
             c = self._customer(customer_id)
             u = self._user(c, user_id)
+            if sku_id.lower() in u.skus:
+                self._consumed_changed([sku_id.lower()], -1)
             u.skus = [s for s in u.skus if s != sku_id.lower()]
             self._event("by_hand_remove_license", customer_id=c.id, user_id=u.id, sku_id=sku_id.lower())
 
@@ -1109,7 +1159,20 @@ class SandboxState:
             u = self._user(c, user_id)
             if sku_id.lower() not in u.skus:
                 u.skus.append(sku_id.lower())
+                self._consumed_changed([sku_id.lower()], +1)
             self._event("by_hand_assign_license", customer_id=c.id, user_id=u.id, sku_id=sku_id.lower())
+
+    def delete_user(self, customer_id: str, user_id: str) -> None:
+        """Soft-delete a user by hand, as an admin would (view-a-deleted-user): state "inactive", licenses released
+        (kept on the user, no longer consumed), the license routes answer 404 60002."""
+        with self.lock:
+            c = self._customer(customer_id)
+            self._soft_delete(c, self._user(c, user_id))
+
+    def _soft_delete(self, c: Customer, u: User) -> None:
+        u.deleted_at = self.clock()
+        self._consumed_changed(list(u.skus), -1)
+        self._event("user_deleted", customer_id=c.id, user_id=u.id)
 
     def purchase_by_hand(
         self, customer_id: str, offer_or_catalog_id: str, quantity: int, friendly_name: str = ""

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
+import pytest
+
+from d365_migration import MigrationService, StepMessage
+from d365_migration.steps._policy import ETAG_REJECTIONS_MAX
 from d365_tooling.sandbox import SandboxServer, SandboxState
-from tests.steps._world import Tenant, detect, drive, service
+from tests.steps._world import Clock, Tenant, detect, drive, service
 
 
 class HeaderRecorder:
@@ -98,3 +104,122 @@ async def test_ledger_records_every_transition_with_history(server: SandboxServe
         assert expected in states
     assert states.index("purchased") < states.index("reassigned") < states.index("completed")
     assert record.new_subscription_id and record.lease_owner is None
+
+
+# --- fail closed before the PATCH (audit findings 1, 9, 10 and 13)
+
+
+async def _until_suspend(svc: MigrationService, t: Tenant) -> StepMessage:
+    report = await detect(svc)
+    (waiting,) = await drive(svc, [m for m in report.purchase_messages if m.subscription_id == t.subscription_id],
+                             stop_before="suspend")
+    return waiting
+
+
+async def test_suspend_waits_then_blocks_when_the_old_sku_is_not_listed(state: SandboxState, storage: str) -> None:
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, clock=clock, SUBSCRIBED_SKU_WAIT_MINUTES="30") as svc:
+            waiting = await _until_suspend(svc, t)
+            srv.config.subscribed_skus_omitted = [t.old_sku]  # consumedUnits of the old SKU cannot be seen
+            first = await svc.run(waiting)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.state == "reassigned" and record.wait_kind == "old_sku_listed"
+            assert first.next_messages == [] and state.patches() == []
+            clock.advance(timedelta(minutes=31))
+            await svc.run(waiting.next_poll())
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.history[-1]["event"] == "old_sku_not_listed" and t.old_sku in (record.reason or "")
+    assert t.old_status() == "active" and state.patches() == []
+
+
+@pytest.mark.parametrize("status", ["suspended", "deleted", "expired", "disabled"])
+async def test_an_old_subscription_that_no_longer_bills_completes_without_a_patch(
+        state: SandboxState, storage: str, status: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage) as svc:
+            waiting = await _until_suspend(svc, t)
+            state.set_subscription_status(t.customer_id, t.subscription_id, status)
+            result = await svc.run(waiting)
+    assert result.record is not None and result.record.state == "completed", result.record
+    assert result.record.history[-1]["event"] == f"already_{status}"
+    assert state.patches() == []
+
+
+async def test_a_pending_old_subscription_is_waited_for_by_time_then_blocks(state: SandboxState,
+                                                                           storage: str) -> None:
+    t = Tenant(state)
+    clock = Clock()
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, clock=clock, PROVISIONING_TIMEOUT_MINUTES="120") as svc:
+            waiting = await _until_suspend(svc, t)
+            state.set_subscription_status(t.customer_id, t.subscription_id, "pending")
+            first = await svc.run(waiting)
+            assert first.record is not None and first.record.state == "reassigned", first.record
+            assert "pending" in first.note and first.record.wait_kind == "old_subscription_pending"
+            clock.advance(timedelta(minutes=121))
+            last = await svc.run(waiting.next_poll())
+    assert last.record is not None and last.record.state == "blocked", last.record
+    assert last.record.history[-1]["event"] == "old_subscription_pending"
+    assert state.patches() == []
+
+
+@pytest.mark.parametrize("status", ["none", "somethingnew"])
+async def test_an_old_subscription_in_an_unknown_status_blocks_with_it(state: SandboxState, storage: str,
+                                                                       status: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage) as svc:
+            waiting = await _until_suspend(svc, t)
+            state.set_subscription_status(t.customer_id, t.subscription_id, status)
+            result = await svc.run(waiting)
+    assert result.record is not None and result.record.state == "blocked", result.record
+    assert result.record.history[-1]["event"] == "old_status_unexpected"
+    assert repr(status) in (result.record.reason or "") and state.patches() == []
+
+
+async def test_an_if_match_refused_every_time_backs_off_then_blocks_etag_rejected(state: SandboxState,
+                                                                                  storage: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage) as svc:
+            waiting = await _until_suspend(svc, t)
+            srv.config.if_match_always_rejected = True
+            notes = []
+            for poll in range(ETAG_REJECTIONS_MAX):
+                result = await svc.run(dataclasses.replace(waiting, poll=poll))
+                notes.append(result.note)
+                assert result.record is not None
+                if result.record.is_final:
+                    break
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.history[-1]["event"] == "etag_rejected" and "If-Match" in (record.reason or "")
+    assert len(notes) == ETAG_REJECTIONS_MAX
+    # a growing wait between the rejections, not a one-second loop
+    assert [n.rsplit("re-reading in ", 1)[-1] for n in notes[:-1]] == ["1s", "4s", "16s"]
+    # every PATCH was sent right after a fresh GET of the subscription
+    sub_path = f"/subscriptions/{t.subscription_id}"
+    calls = [r["method"] for r in state.requests() if r["path"].lower().endswith(sub_path)]
+    patches = [i for i, m in enumerate(calls) if m == "PATCH"]
+    assert len(patches) == ETAG_REJECTIONS_MAX and all(calls[i - 1] == "GET" for i in patches)
+    assert t.old_status() == "active"
+
+
+async def test_throttling_that_outlasts_the_client_waits_instead_of_burning_a_delivery(state: SandboxState,
+                                                                                       storage: str) -> None:
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage) as svc:
+            waiting = await _until_suspend(svc, t)
+            # 429 with a short Retry-After (the client sleeps it) more often than the client retries
+            srv.config.long_retry_after_s, srv.config.long_retry_after_times = 1, 5
+            srv.config.long_retry_after_path = "/subscribedskus"
+            result = await svc.run(waiting)  # no exception: the host would count a failed delivery
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert "throttled" in result.note and result.next_messages == []
+    assert record is not None and record.state == "reassigned", record
+    assert t.old_status() == "active" and state.patches() == []

@@ -1,0 +1,79 @@
+"""What the license step and the suspension share: waits measured in time, throttling that outlasted the client, and
+the trail the two steps leave for each other in the record's history.
+
+The trail: when the suspension finds the old SKU still consumed it hands the record back (event
+``old_sku_still_used``); the license step's first page after that which changes someone's licenses says so once
+(``moved_again``). A hand-back followed by no ``moved_again`` means the license step found nobody to move: the units
+Partner Center reports lag the moves (get-a-list-of-available-licenses promises no read-your-writes), so the
+suspension then waits by time instead of handing the record back again. Only hand-backs that moved someone count
+towards ``MAX_REASSIGN_TRIPS``. An operator's ``retry`` starts the count afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+from .._exceptions import LookAgainLater, ThrottledError
+from .._ledger import MigrationRecord
+from ._work import RetryLater, Work
+
+__all__ = [
+    "HANDED_BACK",
+    "MOVED_AGAIN",
+    "handed_back_without_moves",
+    "throttling_waits",
+    "trips",
+    "waited_too_long",
+]
+
+HANDED_BACK = "old_sku_still_used"  # suspend → reassign: the old SKU is still consumed
+MOVED_AGAIN = "moved_again"  # reassign, after a hand-back: this pass changed someone's licenses
+_RESTART = "retry"  # an operator re-drove the record (steps/redrive.py)
+
+
+async def waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
+    """Start (or continue) the wait named ``kind``, measured by the injected clock; True once it has lasted longer
+    than ``limit_minutes``. Each wait has its own start, so a slow SKU never eats the free-units wait."""
+    record, now = work.record, work.now()
+    if record.wait_kind != kind or not record.wait_started_at:
+        await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
+        return False
+    return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
+
+
+@contextlib.contextmanager
+def throttling_waits() -> Iterator[None]:
+    """A 429 that outlasted the client's retries is Partner Center asking us to wait (api-throttling-guidance), not
+    the migration's failure: the message comes back after ``Retry-After`` instead of burning one of its deliveries."""
+    try:
+        yield
+    except ThrottledError as exc:
+        if isinstance(exc, LookAgainLater):
+            raise  # a Retry-After longer than the client sleeps: the runner's own look-again-later
+        raise RetryLater(f"still throttled after the client's retries: {exc}",
+                         delay=max(1, math.ceil(exc.retry_after))) from None
+
+
+def _since_restart(record: MigrationRecord) -> list[str]:
+    events = [str(h.get("event", "")) for h in record.history]
+    if _RESTART in events:
+        events = events[len(events) - events[::-1].index(_RESTART):]
+    return events
+
+
+def handed_back_without_moves(record: MigrationRecord) -> bool:
+    """True when the suspension handed the record back and the license step has changed nobody's licenses since."""
+    for event in reversed(_since_restart(record)):
+        if event == MOVED_AGAIN:
+            return False
+        if event == HANDED_BACK:
+            return True
+    return False
+
+
+def trips(record: MigrationRecord) -> int:
+    """Hand-backs (since the last operator retry) after which the license step really moved someone again."""
+    return _since_restart(record).count(MOVED_AGAIN)
