@@ -212,20 +212,23 @@ async def run_scan(body: bytes, *, dequeue_count: int | None = None) -> StepOutp
         message = ScanMessage.parse(body)
     except InvalidMessageError as exc:
         return _poisoned(exc, SCAN_QUEUE, body)
+    last_delivery = (dequeue_count or 1) >= max_dequeue_count()
     try:
         with counting_requests() as costs:
             try:
-                report = await get_service().scan_page(message)
+                report = await get_service().scan_page(message, last_delivery=last_delivery)
             finally:
                 _log_cost("scan", costs, f"run={message.run_id} page={message.page}")
     except ValueError as exc:  # a cursor that is not ours
         return _poisoned(exc, SCAN_QUEUE, body)
     except Exception as exc:
-        if (dequeue_count or 1) >= max_dequeue_count():
+        if last_delivery:
             # The host moves the message to scan-customers-poison after this: the customers of this page (and the
-            # pages after it) are not scanned in this run. Say so where the deployed alerts look.
+            # pages after it) are not scanned in this run. Say so where the deployed alerts look (a re-scan names
+            # its customers; the page is also recorded failed in the ledger, which `run` reports).
             logger.error("event=message_poisoned event=needs_attention kind=scan_page_failed queue=%s run=%s "
-                         "page=%d reason=%r redrive=%r", SCAN_QUEUE, message.run_id, message.page,
+                         "page=%d retry=%d customers=%s reason=%r redrive=%r", SCAN_QUEUE, message.run_id,
+                         message.page, message.retry, ",".join(c for c, _ in message.customers) or "-",
                          f"{type(exc).__name__}: {exc}", NEXT_DETECTION)
         raise
     outputs = StepOutputs()

@@ -37,6 +37,7 @@ __all__ = [
     "STATES",
     "MigrationLedger",
     "MigrationRecord",
+    "ScanFailure",
     "UserOutcome",
     "correlation_id_for",
     "record_key",
@@ -218,6 +219,52 @@ def _user_outcome(entity: Mapping[str, Any]) -> UserOutcome:
                        answers=int(answers) if answers is not None else 1)
 
 
+@dataclass(frozen=True)
+class ScanFailure:
+    """A page of a detection run (``part``: a re-scan of some of its customers) whose customers were not all scanned:
+    ``customers`` are (customer id, reason); ``reason`` is set when the whole page failed (its customers may then be
+    unknown); ``failed`` counts them (more than listed when the list was too long to keep)."""
+
+    run_id: str
+    page: int
+    part: str
+    customers: tuple[tuple[str, str], ...]
+    reason: str | None
+    failed: int
+    at: str
+
+    @classmethod
+    def from_entity(cls, entity: Mapping[str, Any]) -> ScanFailure:
+        row = str(entity["RowKey"])
+        page, _, part = row.partition(".")
+        try:
+            listed = json.loads(entity.get("FailedCustomers") or "[]")
+        except json.JSONDecodeError:
+            listed = []
+        customers = tuple((str(x.get("customerId")), str(x.get("reason") or "")) for x in listed
+                          if isinstance(x, dict))
+        return cls(run_id=str(entity["PartitionKey"]).removeprefix("scan-"), page=int(page) if page.isdigit() else 0,
+                   part=part, customers=customers, reason=entity.get("Reason") or None,
+                   failed=int(entity.get("Failed") or 0), at=str(entity.get("At") or ""))
+
+
+def _scan_row(page: int, part: str) -> str:
+    return f"{page:07d}" + (f".{part}" if part else "")
+
+
+def _failed_customers(failed: Sequence[tuple[str, str]]) -> str:
+    """(customer id, reason) as JSON within what a Table property holds (the rest are counted, not listed)."""
+    kept: list[dict[str, str]] = []
+    size = 2
+    for customer_id, reason in failed:
+        item = {"customerId": customer_id, "reason": reason[:300]}
+        size += len(json.dumps(item)) + 1
+        if size > _MAX_HISTORY_CHARS:
+            break
+        kept.append(item)
+    return json.dumps(kept, separators=(",", ":"))
+
+
 class MigrationLedger:
     """Async facade over a synchronous ``TableClient`` (each call runs in a worker thread)."""
 
@@ -379,12 +426,16 @@ class MigrationLedger:
 
     # ------------------------------------------------------------------ scan pages (fan-out detection)
 
-    async def claim_scan_page(self, run_id: str, page: int, owner: str, *, lease: timedelta
+    async def claim_scan_page(self, run_id: str, page: int, owner: str, *, lease: timedelta, part: str = ""
                               ) -> dict[str, Any] | None:
-        """Mark a page of a detection run as being scanned. Returns the marker if this worker may scan it, ``None``
-        if it was already scanned (the marker, with the next cursor, is then returned under ``done``)."""
+        """Mark a page of a detection run (``part``: one re-scan of some of its customers) as being scanned. Returns
+        the marker if this worker may scan it; a page already scanned returns ``{"done": marker}`` (a page
+        recorded *failed* may be scanned again: its message was re-driven).
+
+        :raises ConcurrencyConflict: another worker is scanning it (its lease has not expired).
+        """
         await self.ensure_table()
-        pk, rk = f"scan-{run_id}", f"{page:07d}"
+        pk, rk = f"scan-{run_id}", _scan_row(page, part)
         now = utcnow()
         entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "scanning", "Owner": owner,
                   "LeaseUntil": (now + lease).isoformat()}
@@ -396,7 +447,8 @@ class MigrationLedger:
         existing = await self._run(self._table.get_entity, pk, rk)
         if existing.get("Status") == "done":
             return {"done": dict(existing)}
-        if datetime.fromisoformat(existing["LeaseUntil"]) > now and existing.get("Owner") != owner:
+        lease_until = existing.get("LeaseUntil")  # none on a page recorded failed: free to take
+        if lease_until and datetime.fromisoformat(lease_until) > now and existing.get("Owner") != owner:
             raise ConcurrencyConflict(f"scan page {page} of run {run_id} is being scanned by another worker")
         try:
             await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
@@ -405,12 +457,54 @@ class MigrationLedger:
             raise ConcurrencyConflict(f"scan page {page} of run {run_id} was taken by another worker") from None
         return entity
 
+    async def release_scan_page(self, run_id: str, page: int, owner: str, *, part: str = "") -> None:
+        """Give up ``owner``'s claim on a page it could not finish (nothing happens if someone else holds it now), so
+        the message's next delivery — on any instance — scans it instead of finding it "being scanned"."""
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", _scan_row(page, part)
+        try:
+            existing = await self._run(self._table.get_entity, pk, rk)
+        except ResourceNotFoundError:
+            return
+        if existing.get("Status") != "scanning" or existing.get("Owner") != owner:
+            return
+        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "released",
+                  "At": utcnow().isoformat()}
+        with contextlib.suppress(ResourceModifiedError):  # taken over meanwhile: theirs now
+            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
+                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+
     async def complete_scan_page(self, run_id: str, page: int, *, next_cursor: str | None, customers: int,
-                                 candidates: int) -> None:
-        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": f"{page:07d}", "Kind": "scanpage", "Status": "done",
-                  "NextCursor": next_cursor or "", "Customers": customers, "Candidates": candidates,
+                                 candidates: int, part: str = "", retrying: int = 0,
+                                 failed: Sequence[tuple[str, str]] = ()) -> None:
+        """Mark a page (or re-scan ``part``) scanned: it is not scanned again. ``retrying``: customers handed to a
+        re-scan; ``failed``: (customer id, reason) of the customers that could not be scanned and will not be read
+        again in this run (:meth:`scan_failures` lists them)."""
+        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
+                  "Status": "done", "NextCursor": next_cursor or "", "Customers": customers, "Candidates": candidates,
+                  "Retrying": retrying, "Failed": len(failed), "FailedCustomers": _failed_customers(failed),
                   "At": utcnow().isoformat()}
         await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def fail_scan_page(self, run_id: str, page: int, *, reason: str, part: str = "",
+                             customers: Sequence[str] = ()) -> None:
+        """Record that a page (or re-scan ``part``) could not be scanned at all — its message's last delivery failed
+        — with the reason and the customers it was to scan when they are known."""
+        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
+                  "Status": "failed", "Reason": reason[:1000], "Failed": max(1, len(customers)),
+                  "FailedCustomers": _failed_customers([(c, reason[:200]) for c in customers]),
+                  "At": utcnow().isoformat()}
+        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def scan_failures(self, *, since: datetime | None = None) -> list[ScanFailure]:
+        """The pages and customers detection could not scan (recorded at or after ``since``), oldest first."""
+        await self.ensure_table()
+        query = "Kind eq 'scanpage'"
+        entities = await self._run(lambda: list(self._table.query_entities(query)))
+        failures = [ScanFailure.from_entity(e) for e in entities if int(e.get("Failed") or 0) > 0]
+        if since is not None:
+            failures = [f for f in failures if f.at >= since.isoformat()]
+        return sorted(failures, key=lambda f: (f.at, f.run_id, f.page, f.part))
 
     async def reserve_purchases(self, run_id: str, wanted: int, limit: int) -> int:
         """How many of ``wanted`` purchases this page may still queue under the run's ``MAX_PURCHASES_PER_RUN``

@@ -7,6 +7,7 @@ tiny, makes a duplicate delivery harmless, and means a stale message can never c
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "QUEUE_FOR_STEP",
     "SCAN_QUEUE",
+    "SCAN_RETRY_CHUNK",
     "SCHEMA_VERSION",
     "STEPS",
     "ScanMessage",
@@ -105,17 +107,36 @@ def _show(value: Any) -> str:
 SCAN_QUEUE = "scan-customers"
 
 
+#: Most customers one re-scan message names (each ≤ ~200 bytes: well inside MAX_MESSAGE_BYTES).
+SCAN_RETRY_CHUNK = 100
+_MAX_NAME_CHARS = 100
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 @dataclass(frozen=True)
 class ScanMessage:
-    """One page of the customer scan of one detection run; ``cursor`` is the request for that page."""
+    """One page of the customer scan of one detection run; ``cursor`` is the request for that page.
+
+    A *re-scan* (``retry`` ≥ 1) names the customers of page ``page`` whose subscriptions could not be read the last
+    time, as ``(customer id, company name)`` pairs; it reads only those (no cursor, no next page)."""
 
     run_id: str
     page: int
     cursor: dict[str, Any] | None  # PageRequest.to_json(); None for the first page
+    retry: int = 0
+    customers: tuple[tuple[str, str | None], ...] = ()
+    waits: int = 0  # how often this message was put off (its page could not be read, or was busy elsewhere)
 
     def to_json(self) -> str:
-        return json.dumps({"schemaVersion": SCHEMA_VERSION, "step": "scan", "runId": self.run_id,
-                           "page": self.page, "cursor": self.cursor}, separators=(",", ":"))
+        data: dict[str, Any] = {"schemaVersion": SCHEMA_VERSION, "step": "scan", "runId": self.run_id,
+                                "page": self.page, "cursor": self.cursor}
+        if self.waits:
+            data["waits"] = self.waits
+        if self.retry:
+            data["retry"] = self.retry
+            data["customers"] = [{"id": cid, "name": (name or "")[:_MAX_NAME_CHARS] or None}
+                                 for cid, name in self.customers]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def parse(cls, body: bytes | str) -> ScanMessage:
@@ -127,4 +148,28 @@ class ScanMessage:
             raise InvalidMessageError(f"page must be a non-negative integer, got {_show(page)}")
         if cursor is not None and not isinstance(cursor, dict):
             raise InvalidMessageError("cursor must be an object or null")
-        return cls(run_id=run_id, page=page, cursor=cursor)
+        retry = data.get("retry", 0)
+        if not isinstance(retry, int) or isinstance(retry, bool) or not 0 <= retry < 1000:
+            raise InvalidMessageError(f"retry must be a small non-negative integer, got {_show(retry)}")
+        waits = data.get("waits", 0)
+        if not isinstance(waits, int) or isinstance(waits, bool) or not 0 <= waits < 1000:
+            raise InvalidMessageError(f"waits must be a small non-negative integer, got {_show(waits)}")
+        customers = _scan_customers(data.get("customers")) if retry else ()
+        return cls(run_id=run_id, page=page, cursor=cursor, retry=retry, customers=customers, waits=waits)
+
+
+def _scan_customers(raw: Any) -> tuple[tuple[str, str | None], ...]:
+    """A re-scan's customers: 1 to ``SCAN_RETRY_CHUNK`` objects ``{"id": GUID, "name": str | null}``."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= SCAN_RETRY_CHUNK:
+        raise InvalidMessageError(f"customers must be a list of 1 to {SCAN_RETRY_CHUNK} customers")
+    out: list[tuple[str, str | None]] = []
+    for item in raw:
+        cid = item.get("id") if isinstance(item, dict) else None
+        name = item.get("name") if isinstance(item, dict) else None
+        # Customer ids are GUIDs; any id Partner Center listed is accepted back (a refused re-scan would drop it).
+        if not isinstance(cid, str) or not _SAFE_ID.fullmatch(cid):
+            raise InvalidMessageError(f"customers[].id must be a customer id, got {_show(cid)}")
+        if name is not None and not isinstance(name, str):
+            raise InvalidMessageError(f"customers[].name must be a string or null, got {_show(name)}")
+        out.append((cid, name[:_MAX_NAME_CHARS] if name else None))
+    return tuple(out)

@@ -339,10 +339,12 @@ async def _run(settings: Settings, timeout: float, out: TextIO) -> int:
     """``run``: detect once and serve the queues until none holds a message; say what happened and what needs a
     human. Exit 0 only when detection and every record went through (or, in a dry run, were recorded)."""
     from ._app import read_records
+    from ._ledger import utcnow
     from ._preflight import check_partner_center, check_storage
 
     await check_storage(settings)
     await check_partner_center(settings)
+    started = utcnow()
 
     def progress(counts: dict[str, int]) -> None:
         print("progress: " + (", ".join(f"{state}={n}" for state, n in counts.items()) or "no records yet"),
@@ -359,6 +361,7 @@ async def _run(settings: Settings, timeout: float, out: TextIO) -> int:
     if scan is not None and scan.poisoned:
         problems.append(f"detection failed: {scan.poisoned} customer page(s) could not be scanned (see the log "
                         "and the scan-customers-poison queue); fix the cause and run again")
+    problems += await _not_scanned(settings, since=started)
     others = host.poisoned - (scan.poisoned if scan is not None else 0)
     if others:
         problems.append(f"{others} step message(s) were poisoned (their records are marked failed)")
@@ -382,6 +385,25 @@ async def _run(settings: Settings, timeout: float, out: TextIO) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
+
+
+async def _not_scanned(settings: Settings, *, since: Any) -> list[str]:
+    """One line per customer (or unreadable page) this run's detection could not scan: their subscriptions were
+    not checked, so an expiring one would not be migrated (the ledger's scan markers, ``scan_failures``)."""
+    from ._app import open_storage
+
+    async with open_storage(settings) as (ledger, _queues):
+        failures = await ledger.scan_failures(since=since)
+    lines: list[str] = []
+    for f in failures:
+        for customer_id, reason in f.customers:
+            lines.append(f"not scanned: customer {customer_id}: {reason} — its subscriptions were not checked; fix "
+                         "the cause and run again")
+        if f.failed > len(f.customers):
+            what = f"{f.failed - len(f.customers)} more customer(s)" if f.customers else "its customers"
+            lines.append(f"not scanned: page {f.page} of detection run {f.run_id}: {f.reason or 'see the log'} "
+                         f"({what} not checked); fix the cause and run again")
+    return lines
 
 
 async def _controls(settings: Settings) -> Any:

@@ -116,6 +116,21 @@ def test_failed_detection_makes_run_exit_non_zero(storage: str, cli_env: pytest.
     assert "detection failed" in err
 
 
+def test_customers_detection_could_not_scan_make_run_exit_non_zero_naming_them(
+        storage: str, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    state = SandboxState()
+    refused, fine = Tenant(state), Tenant(state)
+    config = SandboxConfig(subscriptions_forbidden_customers=[refused.customer_id])  # 403 20002 on its subscriptions
+    with SandboxServer(state, config) as server:
+        cli_env.setenv("PARTNER_CENTER_ENDPOINT", server.url)
+        code, text = run("run", "--timeout", "60")
+    err = capsys.readouterr().err
+    assert code == 1, (text, err)
+    (line,) = [x for x in err.splitlines() if x.startswith("not scanned:")]
+    assert f"customer {refused.customer_id}" in line and "20002" in line
+    assert f"{fine.customer_id}/{fine.subscription_id}" in text.lower()  # the rest was scanned and recorded
+
+
 @pytest.mark.parametrize("command", [["run", "--timeout", "30"], ["status"]])
 def test_unreachable_storage_is_one_line_naming_the_setting(
         cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:

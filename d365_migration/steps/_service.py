@@ -63,9 +63,9 @@ class MigrationService:
     def start_scan(self, run_id: str | None = None) -> ScanMessage:
         return detect.start_run(self.deps, run_id)
 
-    async def scan_page(self, message: ScanMessage) -> detect.DetectReport:
+    async def scan_page(self, message: ScanMessage, *, last_delivery: bool = False) -> detect.DetectReport:
         """:raises ValueError: the cursor is not ours. :raises PartnerCenterError: the page could not be read."""
-        return await detect.scan_page(self.deps, message)
+        return await detect.scan_page(self.deps, message, last_delivery=last_delivery)
 
     # --- record steps (runbook steps 2-4)
 

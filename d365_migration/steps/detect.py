@@ -10,17 +10,20 @@ are recorded and nothing is queued (a paused run logs ``event=rollout_paused``; 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .._client import PageRequest
-from .._exceptions import ConcurrencyConflict
+from .._exceptions import ConcurrencyConflict, LedgerError, LookAgainLater
 from .._ledger import MigrationRecord
-from .._messages import SCAN_QUEUE, ScanMessage, StepMessage
+from .._messages import SCAN_QUEUE, SCAN_RETRY_CHUNK, ScanMessage, StepMessage
+from .._models import Customer
 from .._rollout import RolloutControls
-from .._scan import Candidate, CustomerScan, LeftAlone
+from .._scan import AUTO_RENEW_UNKNOWN, END_DATE_UNKNOWN, Candidate, CustomerScan, LeftAlone
 from .._scan import scan_page as scan_customers
 from ._gate import RESUME_COMMAND, customer_in_scope, load_controls
 from ._policy import LEASE, SCAN_PAGE_BUDGET_SHARE, SCAN_PAGE_MAX, SCAN_PAGE_MIN
@@ -30,6 +33,21 @@ from ._work import Deps, log_record, save_transition
 __all__ = ["DetectReport", "admit", "brake", "page_size", "scan_page", "start_run"]
 
 logger = logging.getLogger("d365_migration.steps.detect")
+
+# A customer whose subscriptions could not be read for a transient reason (5xx or throttling after the client's own
+# retries, a Retry-After longer than it sleeps, a transport error) is read again by a delayed re-scan, at most this
+# many times, PROVISIONING_POLL_SECONDS x 2^(n-1) apart (at least the Retry-After, at most the cap below): with the
+# default 60 s poll, 1 + 2 + 4 + 8 + 16 = 31 minutes before it is reported with event=needs_attention.
+# The same bound and delays apply when the customer page itself answers a Retry-After longer than the client sleeps
+# (the message is put off; after that the host retries it and its last delivery is recorded failed).
+SCAN_RETRIES = 5
+SCAN_RETRY_MAX_DELAY_SECONDS = 3600
+# A page another invocation is scanning is looked at again this much later (its claim lasts LEASE at most).
+SCAN_BUSY_DELAY_SECONDS = 60
+#: How the customers a run could not scan are scanned again (detection is idempotent).
+RESCAN_COMMAND = ("fix the cause, then run detection again: run the detect_expiring function (Azure portal → the "
+                  "function app → detect_expiring → Test/Run) or wait for DETECT_SCHEDULE; locally "
+                  "`python -m d365_migration run`")
 
 
 @dataclass
@@ -43,7 +61,11 @@ class DetectReport:
     purchase_messages: list[StepMessage] = field(default_factory=list)
     braked: int = 0
     out_of_scope: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "customer <id>: <error>" of every customer that failed
+    retrying: list[str] = field(default_factory=list)  # ids of the customers handed to a delayed re-scan
+    rescans: list[tuple[ScanMessage, int]] = field(default_factory=list)  # the re-scans queued, with their delay
+    requeued: list[tuple[ScanMessage, int]] = field(default_factory=list)  # this message put off (page busy/unread)
+    not_scanned: list[str] = field(default_factory=list)  # "<id>: <reason>" reported with event=needs_attention
 
     def bodies(self) -> list[str]:
         return [m.to_json() for m in self.purchase_messages]
@@ -63,28 +85,95 @@ def page_size(deps: Deps) -> int:
     return int(max(SCAN_PAGE_MIN, min(SCAN_PAGE_MAX, share)))
 
 
-async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
-    """One page of a detection run: queue the next page, record this page's candidates and return the report. A
-    page already scanned in this run is not scanned again.
+async def scan_page(deps: Deps, message: ScanMessage, *, last_delivery: bool = False) -> DetectReport:
+    """One page of a detection run (or one re-scan of some of its customers): queue the next page, record this
+    page's candidates, re-scan later the customers that could not be read for a transient reason, report the ones
+    that cannot be read, and return the report. A page already scanned in this run is not scanned again.
+
+    ``last_delivery``: the host will not deliver this message again; a failure is then recorded in the ledger (the
+    page's customers, when known, are listed by ``MigrationLedger.scan_failures`` and ``run``) before it is raised.
 
     :raises ValueError: the message's cursor is not a Partner Center collection (not ours).
     :raises PartnerCenterError: the customer page could not be read (the message is retried).
     """
-    settings, client, ledger = deps.settings, deps.client, deps.ledger
     report = DetectReport()
+    part = _part(message)
+    # One owner per invocation: two deliveries of one message in one process must not both scan the page.
+    owner = f"{deps.worker_id}:{uuid.uuid4().hex[:8]}"
     try:
-        marker = await ledger.claim_scan_page(message.run_id, message.page, deps.worker_id, lease=LEASE)
+        marker = await deps.ledger.claim_scan_page(message.run_id, message.page, owner, lease=LEASE, part=part)
     except ConcurrencyConflict as exc:
-        logger.info("scan page %d of run %s skipped: %s", message.page, message.run_id, exc)
+        # Another invocation holds the page: a duplicate delivery, or one that died (its lease runs out). Look again
+        # later instead of dropping the message — if that invocation never finishes, this copy scans the page.
+        logger.info("scan page %d%s of run %s is busy (%s); looking again in %ds", message.page, _shown(part),
+                    message.run_id, exc, SCAN_BUSY_DELAY_SECONDS)
+        await _put_off(deps, message, SCAN_BUSY_DELAY_SECONDS, report)
         return report
     if marker is not None and "done" in marker:
-        logger.info("scan page %d of run %s was already scanned", message.page, message.run_id)
+        logger.info("scan page %d%s of run %s was already scanned", message.page, _shown(part), message.run_id)
         return report
+    customers: list[Customer] = [Customer(cid, company_name=name) for cid, name in message.customers]
+    try:
+        await _scan(deps, message, part, customers, report)
+    except _PageUnreadable as put_off:
+        # The page's customers could not be listed yet: read the page again later (the marker is released for
+        # that), waiting as long as the service asked.
+        logger.warning("event=scan_page_deferred run=%s page=%d wait=%d/%d delay=%ds reason=%r", message.run_id,
+                       message.page, message.waits + 1, SCAN_RETRIES, put_off.delay, str(put_off.__cause__))
+        await _release(deps, message, part, owner)
+        await _put_off(deps, replace(message, waits=message.waits + 1), put_off.delay, report)
+    except ValueError:
+        raise  # not our cursor: poisoned at once by the adapter
+    except Exception as exc:
+        if last_delivery:
+            await _record_page_failed(deps, message, part, customers, exc)
+        else:
+            await _release(deps, message, part, owner)  # the next delivery, on any instance, scans it
+        raise
+    return report
 
-    cursor = (PageRequest.from_json(message.cursor) if message.cursor
-              else client.first_customer_page(page_size(deps)))
-    customers, next_page = await client.customer_page(cursor)
-    following = ScanMessage(message.run_id, message.page + 1, next_page.to_json()) if next_page else None
+
+class _PageUnreadable(Exception):
+    """The customer page could not be read yet (Retry-After too long); read it again ``delay`` seconds later."""
+
+    def __init__(self, delay: int) -> None:
+        super().__init__(f"look again in {delay}s")
+        self.delay = delay
+
+
+async def _put_off(deps: Deps, message: ScanMessage, delay: int, report: DetectReport) -> None:
+    await deps.queues.send(SCAN_QUEUE, message.to_json(), delay_seconds=delay)
+    report.requeued.append((message, delay))
+
+
+async def _release(deps: Deps, message: ScanMessage, part: str, owner: str) -> None:
+    try:
+        await deps.ledger.release_scan_page(message.run_id, message.page, owner, part=part)
+    except LedgerError as exc:  # its lease runs out by itself; the message's own failure is what matters
+        logger.warning("could not release scan page %d%s of run %s: %s", message.page, _shown(part),
+                       message.run_id, exc)
+
+
+async def _scan(deps: Deps, message: ScanMessage, part: str, customers: list[Customer],
+                report: DetectReport) -> None:
+    """The body of :func:`scan_page`; ``customers`` is filled in as soon as the page's customers are known."""
+    settings, client, ledger = deps.settings, deps.client, deps.ledger
+    next_page: PageRequest | None = None
+    following: ScanMessage | None = None
+    if not message.retry:
+        cursor = (PageRequest.from_json(message.cursor) if message.cursor
+                  else client.first_customer_page(page_size(deps)))
+        try:
+            page_customers, next_page = await client.customer_page(cursor)
+        except LookAgainLater as exc:
+            # The service asked for a longer wait than the client sleeps (RetryAfterTooLongError): the host's own
+            # redeliveries (visibilityTimeout apart) would all come too early. 5xx and transport errors after the
+            # client's retries keep the host's redeliveries; the last one is recorded failed and raises the alert.
+            if message.waits >= SCAN_RETRIES:
+                raise
+            raise _PageUnreadable(_backoff_seconds(deps, message.waits + 1, exc.retry_after)) from exc
+        customers.extend(page_customers)
+        following = ScanMessage(message.run_id, message.page + 1, next_page.to_json()) if next_page else None
     if following is not None:
         # Queue the next page now, not when this one is done: another worker can fetch and scan it while this
         # one reads its customers' subscriptions. Each page's marker keeps a redelivery from scanning twice.
@@ -95,7 +184,8 @@ async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
                                  window_days=settings.expiry_window_days, concurrency=settings.max_concurrency)
     waiting: list[MigrationRecord] = []
     for scan in scans:
-        waiting += await admit(deps, scan, report, controls=controls)
+        # A re-scan queues purchases only for the records it creates: the page's own scan already queued the rest.
+        waiting += await admit(deps, scan, report, controls=controls, queue_existing=not message.retry)
     if waiting and controls.paused:
         logger.warning("event=rollout_paused event=needs_attention run=%s page=%d waiting=%d reason=%r nothing "
                        "queued; the records stay detected. redrive=%r", message.run_id, message.page, len(waiting),
@@ -104,20 +194,100 @@ async def scan_page(deps: Deps, message: ScanMessage) -> DetectReport:
     granted = await ledger.reserve_purchases(message.run_id, len(waiting), controls.max_purchases_per_run)
     await brake(deps, waiting, granted, report, limit=controls.max_purchases_per_run)
 
+    failed = await _rescan_or_report(deps, message, scans, report)
     await ledger.complete_scan_page(message.run_id, message.page,
                                     next_cursor=json.dumps(next_page.to_json()) if next_page else None,
-                                    customers=len(customers), candidates=len(report.candidates))
-    logger.info("event=scan_page run=%s page=%d customers=%d candidates=%d queued=%d", message.run_id,
-                message.page, len(customers), len(report.candidates), len(report.purchase_messages))
-    if following is None:
+                                    customers=len(customers), candidates=len(report.candidates), part=part,
+                                    retrying=len(report.retrying), failed=failed)
+    logger.info("event=scan_page run=%s page=%d%s customers=%d candidates=%d queued=%d retrying=%d not_scanned=%d",
+                message.run_id, message.page, _shown(part), len(customers), len(report.candidates),
+                len(report.purchase_messages), len(report.retrying), len(failed))
+    if following is None and not message.retry:
         logger.info("event=detect_done run=%s pages=%d", message.run_id, message.page + 1)
-    return report
 
 
-async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *,
-                controls: RolloutControls | None = None) -> list[MigrationRecord]:
+async def _rescan_or_report(deps: Deps, message: ScanMessage, scans: list[CustomerScan],
+                            report: DetectReport) -> list[tuple[str, str]]:
+    """Queue a delayed re-scan of the customers whose subscriptions could not be read for a transient reason (while
+    re-scans are left); report the others with ``event=needs_attention``. Returns the reported (customer id,
+    reason) pairs. A customer whose subscriptions could not be read is never dropped silently: its expiring
+    subscriptions would never be recorded, and its users lose access at expiry."""
+    again = [s for s in scans if s.error and s.transient and message.retry < SCAN_RETRIES]
+    final = [s for s in scans if s.error and s not in again]
+    if again:
+        delay = _rescan_delay(deps, message.retry + 1, again)
+        for chunk in _chunks(again, SCAN_RETRY_CHUNK):
+            follow_up = ScanMessage(message.run_id, message.page, None, retry=message.retry + 1,
+                                    customers=tuple((s.customer.id, s.customer.company_name) for s in chunk))
+            await deps.queues.send(SCAN_QUEUE, follow_up.to_json(), delay_seconds=delay)
+            report.rescans.append((follow_up, delay))
+        report.retrying += [s.customer.id for s in again]
+        logger.warning("event=scan_retry run=%s page=%d retry=%d/%d delay=%ds customers=%s first_error=%r: their "
+                       "subscriptions could not be read; they are read again then", message.run_id, message.page,
+                       message.retry + 1, SCAN_RETRIES, delay, ",".join(s.customer.id for s in again), again[0].error)
+    failed: list[tuple[str, str]] = []
+    for scan in final:
+        why = scan.error or ""
+        if scan.transient:
+            why = f"still failing after {message.retry} re-scans: {why}"
+        failed.append((scan.customer.id, why))
+        report.not_scanned.append(f"{scan.customer.id}: {why}")
+        # Not silent: the alert rule fires, and `run` / MigrationLedger.scan_failures list the customer.
+        logger.error("event=needs_attention kind=customer_not_scanned run=%s page=%d customer=%s name=%r reason=%r "
+                     "its subscriptions were not checked in this run, so an expiring one would not be migrated. "
+                     "redrive=%r", message.run_id, message.page, scan.customer.id, scan.customer.company_name, why,
+                     RESCAN_COMMAND)
+    return failed
+
+
+def _rescan_delay(deps: Deps, retry: int, scans: list[CustomerScan]) -> int:
+    return _backoff_seconds(deps, retry, max((s.retry_after or 0.0 for s in scans), default=0.0))
+
+
+def _backoff_seconds(deps: Deps, attempt: int, retry_after: float | None) -> int:
+    """``PROVISIONING_POLL_SECONDS`` doubled per attempt, at least the ``Retry-After`` the service sent
+    (api-throttling-guidance: wait Retry-After before retrying), at most ``SCAN_RETRY_MAX_DELAY_SECONDS``."""
+    backoff = deps.settings.provisioning_poll_seconds * 2 ** (attempt - 1)
+    asked = math.ceil(retry_after) if isinstance(retry_after, (int, float)) else 0
+    return int(min(SCAN_RETRY_MAX_DELAY_SECONDS, max(backoff, asked)))
+
+
+def _chunks(items: list[CustomerScan], size: int) -> list[list[CustomerScan]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _part(message: ScanMessage) -> str:
+    """The page marker's suffix of a re-scan: its number and a digest of the customers it names (two re-scans of
+    the same customers share a marker, so a duplicate delivery is not scanned twice; different ones do not)."""
+    if not message.retry:
+        return ""
+    ids = ",".join(sorted(cid.lower() for cid, _ in message.customers))
+    return f"r{message.retry:02d}-{hashlib.sha256(ids.encode()).hexdigest()[:12]}"
+
+
+def _shown(part: str) -> str:
+    return f" ({part})" if part else ""
+
+
+async def _record_page_failed(deps: Deps, message: ScanMessage, part: str, customers: list[Customer],
+                              exc: Exception) -> None:
+    """The message's last delivery failed: record the page failed with its customers (when known), so ``run`` and
+    ``scan_failures`` name them. Best effort: the ledger may be what failed (the adapter logs the alert either way)."""
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        await deps.ledger.fail_scan_page(message.run_id, message.page, part=part, reason=reason,
+                                         customers=[c.id for c in customers])
+    except LedgerError as ledger_exc:
+        logger.warning("could not record scan page %d%s of run %s as failed: %s", message.page, _shown(part),
+                       message.run_id, ledger_exc)
+
+
+async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *, controls: RolloutControls | None = None,
+                queue_existing: bool = True) -> list[MigrationRecord]:
     """Record one customer's candidates (idempotently); return the records waiting for a purchase message (none in a
-    dry run). ``controls``: the rollout controls in force (read from storage when not given).
+    dry run). ``controls``: the rollout controls in force (read from storage when not given). ``queue_existing``:
+    also return records found already ``detected`` (a re-scan returns only the ones it created). A scan's error is
+    only noted here; :func:`scan_page` re-scans or reports the customer.
 
     :raises LedgerError: the controls or the ledger could not be read.
     """
@@ -126,7 +296,14 @@ async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *,
     report.customers += 1
     if scan.error:
         report.errors.append(f"customer {scan.customer.id}: {scan.error}")
-        logger.warning("event=scan_error customer=%s %s", scan.customer.id, scan.error)
+        logger.warning("event=scan_error customer=%s transient=%s %s", scan.customer.id, scan.transient, scan.error)
+    for x in scan.left_alone:
+        unknown = x.reason.startswith(END_DATE_UNKNOWN) or x.reason == AUTO_RENEW_UNKNOWN
+        if unknown and customer_in_scope(controls, x.customer_id):
+            # An active retired-offer subscription whose end (or renewal) nobody can tell could expire any day
+            # without being migrated: a person has to look it up, so say so where the alerts look.
+            logger.warning("event=left_alone_unknown event=needs_attention customer=%s subscription=%s offer=%r: %s",
+                           x.customer_id, x.subscription_id, x.offer_name, x.reason)
     report.left_alone.extend(scan.left_alone)
     for x in scan.left_alone:
         if x.unrecognised:
@@ -147,7 +324,7 @@ async def admit(deps: Deps, scan: CustomerScan, report: DetectReport, *,
         if created:
             log_record(record, logging.INFO, "event=detected offer=%r quantity=%d ends=%s",
                        record.offer_name, record.quantity, record.commitment_end)
-        if controls.live and record.state == "detected":
+        if controls.live and record.state == "detected" and (created or queue_existing):
             waiting.append(record)
     return waiting
 

@@ -302,6 +302,24 @@ class SandboxApp:
         self.admin = Router(routes=_admin_routes(self))
         self.server_id = "1016" + str(secrets.randbelow(10**5)).zfill(5)
         self.long_throttled = 0  # answers given with config.long_retry_after_s
+        self.unavailable_answers: dict[str, int] = {}  # customer id -> 503s given (subscriptions_unavailable_*)
+
+    def _subscriptions_refusal(self, segments: list[str], method: str) -> tuple[int, int, str] | None:
+        """The error a customer's subscription list answers under the ``subscriptions_*_customers`` switches (error
+        codes from https://learn.microsoft.com/partner-center/developer/error-codes), or None."""
+        if method != "GET" or len(segments) != 4 or segments[1] != "customers" or segments[3] != "subscriptions":
+            return None
+        cfg, customer = self.config, segments[2]
+        if customer in {x.lower() for x in cfg.subscriptions_forbidden_customers}:
+            return 403, 20002, "No commerce relationship between partner and customer."
+        if customer in {x.lower() for x in cfg.subscriptions_missing_customers}:
+            return 404, 60003, "Tenant not found."
+        if customer in {x.lower() for x in cfg.subscriptions_unavailable_customers}:
+            given = self.unavailable_answers.get(customer, 0)
+            if not cfg.subscriptions_unavailable_times or given < cfg.subscriptions_unavailable_times:
+                self.unavailable_answers[customer] = given + 1
+                return 503, 800003, "The service is temporarily unavailable. Try again later."
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -421,6 +439,11 @@ class SandboxApp:
                     await respond(403, err(403, 900309, "Access has been blocked by Conditional Access policies. "
                                                         "The access policy does not allow token issuance."))
                     return
+            refusal = self._subscriptions_refusal(segments, method)
+            if refusal is not None:
+                log["fault"] = "subscriptions-" + str(refusal[0])
+                await respond(refusal[0], err(*refusal))
+                return
             if (cfg.long_retry_after_s and cfg.long_retry_after_path and cfg.long_retry_after_path.lower()
                     in path.lower() and self.long_throttled < cfg.long_retry_after_times):
                 self.long_throttled += 1

@@ -81,6 +81,15 @@ class SandboxConfig:
     long_retry_after_s: int = 0
     long_retry_after_path: str = ""
     long_retry_after_times: int = 1
+    # Detection's per-customer failures (error-codes lists 503 Service unavailable, 403 20002 "No commerce
+    # relationship between partner and customer" and 404 60003 "Tenant not found"): GET …/customers/{id}/subscriptions
+    # for the customer ids in `subscriptions_unavailable_customers` answers 503 800003 to the first
+    # `subscriptions_unavailable_times` requests of each (0 = every request); for the ids in
+    # `subscriptions_forbidden_customers` it answers 403 20002 and for `subscriptions_missing_customers` 404 60003.
+    subscriptions_unavailable_customers: list[str] = field(default_factory=list)
+    subscriptions_unavailable_times: int = 0
+    subscriptions_forbidden_customers: list[str] = field(default_factory=list)
+    subscriptions_missing_customers: list[str] = field(default_factory=list)
     # Native migration paths (_transitions): customer id -> "none" | "transition_with_license_transfer" |
     # "transition_only" | "upgrade_with_license_transfer" | "upgrade_only" for its retired subscriptions (default:
     # none, as nothing documents a path for them); users whose license transfer fails; completion delay; whether
