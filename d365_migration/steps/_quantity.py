@@ -7,8 +7,8 @@
   customer's subscribed SKUs (``consumedUnits`` of the old product SKU, the licenses assigned to users: SubscribedSku,
   https://learn.microsoft.com/dotnet/api/microsoft.store.partnercenter.models.licenses.subscribedsku). Never fewer
   than the holders, so every user can be moved; at least 1. Cheaper, but seats for future users must be added later.
-  When the old SKU or its holders cannot be read, the old quantity is bought (never fewer than needed) and the
-  record's history says so.
+  The holders are read by the pre-flight (which blocks before buying when the old SKU is unknown or pooled); with a
+  pooled SKU whose movers an operator named, the old quantity is bought.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .._client import PartnerCenterClient
-from .._exceptions import NotFoundError, PartnerCenterApiError
+from .._exceptions import PartnerCenterApiError, ThrottledError
 from .._models import SubscribedSku, Subscription
 from .._settings import is_guid
 from ._work import Work
@@ -39,38 +39,31 @@ def holders_by_part_numbers(skus: list[SubscribedSku], part_numbers: Iterable[st
     return matches[0].consumed_units if len(matches) == 1 else None
 
 
-async def replacement_quantity(work: Work, old: Subscription) -> tuple[int, str]:
+def replacement_quantity(work: Work, old: Subscription, *, holders: int) -> tuple[int, str]:
     """The quantity to buy for ``work.record`` under the configured policy, and a note saying how it was chosen.
-
-    :raises PartnerCenterError: a read failed after the client's retries (the message is retried; nothing bought).
-    """
+    ``holders`` is the old product SKU's ``consumedUnits`` as the pre-flight read it (it is not pooled then, so
+    they are all the old subscription's users)."""
     record = work.record
     old_quantity = old.quantity or record.quantity
     policy = work.settings.replacement_quantity_policy
     if policy == "old_quantity":
         return old_quantity, f"old subscription's quantity {old_quantity} (REPLACEMENT_QUANTITY_POLICY=old_quantity)"
-    holders = await _holders_of_old_sku(work)
-    if holders is None:
-        return old_quantity, (f"license holders unknown (old SKU not readable): old quantity {old_quantity} "
+    if record.named_users is not None:
+        # A pooled SKU whose movers an operator named: the pool's holders include the other subscription's users,
+        # so they are no measure; the old quantity covers every named user (at most that many can be named).
+        return old_quantity, (f"pooled product SKU with named users: old quantity {old_quantity} "
                               "(REPLACEMENT_QUANTITY_POLICY=license_holders)")
     quantity = max(1, holders)
     return quantity, (f"{holders} user(s) hold the old license: {quantity} seat(s) instead of {old_quantity} "
                       "(REPLACEMENT_QUANTITY_POLICY=license_holders)")
 
 
-async def _holders_of_old_sku(work: Work) -> int | None:
-    """Users holding the old subscription's product SKU (``consumedUnits``), or ``None`` when the SKU is unknown."""
-    record = work.record
-    offer = work.deps.catalog.match(record.offer_id, record.offer_name)
-    return await count_holders(work.client, record.customer_id, record.subscription_id,
-                               sku_id=record.old_sku_id, part_numbers=offer.sku_part_numbers if offer else ())
-
-
 async def count_holders(client: PartnerCenterClient, customer_id: str, subscription_id: str, *,
                         sku_id: str | None = None, part_numbers: Iterable[str] = (),
                         skus: list[SubscribedSku] | None = None) -> int | None:
-    """Users holding ``subscription_id``'s product SKU (its ``consumedUnits``): the SKU from ``sku_id``, else the
-    subscription's provisioning status, else the catalog's part numbers; ``None`` when it cannot be told.
+    """Users holding ``subscription_id``'s product SKU (its ``consumedUnits``): the SKU ``sku_id`` names (else the
+    subscription's provisioning status ``skuId``) when the subscribed SKUs list it, else the one subscribed SKU with
+    one of the catalog's part numbers; ``None`` when it cannot be told.
 
     :raises PartnerCenterError: a read failed after the client's retries.
     """
@@ -78,12 +71,15 @@ async def count_holders(client: PartnerCenterClient, customer_id: str, subscript
         try:
             status = await client.get_provisioning_status(customer_id, subscription_id)
             sku_id = status.sku_id if status.sku_id and is_guid(status.sku_id) else None
-        except (NotFoundError, PartnerCenterApiError) as exc:
-            if isinstance(exc, PartnerCenterApiError) and exc.status >= 500:
+        except PartnerCenterApiError as exc:
+            if isinstance(exc, ThrottledError) or exc.status >= 500:
                 raise
     if skus is None:
         skus = await client.list_subscribed_skus(customer_id)
     if sku_id:
+        # A provisioning status skuId is only "a string that identifies the product SKU"
+        # (get-subscription-provisioning-status): one the subscribed SKUs do not list falls back to the catalog.
         match = next((s for s in skus if s.product_sku.id.lower() == sku_id.lower()), None)
-        return match.consumed_units if match else None
+        if match is not None:
+            return match.consumed_units
     return holders_by_part_numbers(skus, part_numbers)

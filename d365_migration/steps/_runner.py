@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -23,7 +24,13 @@ from dataclasses import replace
 from typing import Protocol
 
 from .._context import current_correlation_id
-from .._exceptions import AccessDeniedError, ConcurrencyConflict, InvalidMessageError, LookAgainLater
+from .._exceptions import (
+    AccessDeniedError,
+    ConcurrencyConflict,
+    InvalidMessageError,
+    LookAgainLater,
+    ThrottledError,
+)
 from .._ledger import MigrationRecord
 from .._messages import StepMessage
 from ._gate import load_controls
@@ -72,6 +79,10 @@ async def _stop_or_wait(work: Work, step: StepFunction) -> StepResult:
       the first delivery — never one failure per user, never the poison queue, and nothing after it (no suspension).
     * ``LookAgainLater`` (an update still pending, provisioning status not ready, a ``Retry-After`` longer than the
       client sleeps): the same message comes back later, after the service's ``retry_after`` when it gave one.
+    * ``ThrottledError`` (429 still answered after the client's own retries): the partner's request budget is spent,
+      which says nothing about the migration — "wait for the time in Retry-After, then retry"
+      (partner-center/developer/api-throttling-guidance). The same message comes back after ``Retry-After``, so a
+      busy hour never spends the message's deliveries and never poisons it. (One place for every record step.)
     """
     try:
         return await step(work)
@@ -90,6 +101,9 @@ async def _stop_or_wait(work: Work, step: StepFunction) -> StepResult:
     except LookAgainLater as exc:
         delay = None if exc.retry_after is None else max(1, int(exc.retry_after + 0.999))
         raise RetryLater(f"Partner Center says look again later: {exc}", delay=delay) from None
+    except ThrottledError as exc:
+        raise RetryLater(f"Partner Center still throttling after the client's retries: {exc}",
+                         delay=max(1, math.ceil(exc.retry_after))) from None
 
 
 class StepRunner:

@@ -102,7 +102,7 @@ async def route(work: Work, old: Subscription) -> StepResult | None:
     # A native move creates (and bills) the replacement as surely as a purchase: the same pre-flight first (users,
     # provisioning status and subscribed SKUs readable; the old SKU known; its holders fit the old quantity — more
     # holders means a pooled SKU, and the transfer could carry users the retiring subscription does not license).
-    if not await preflight(work, quantity=quantity):
+    if not await preflight(work, old_quantity=quantity):
         return work.stop("blocked")
     native_target = (choice.transition.catalog_item_id if choice.transition is not None
                      else choice.upgrade.target_offer_id if choice.upgrade is not None else "")

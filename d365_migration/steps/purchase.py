@@ -6,16 +6,23 @@ Read top to bottom, for one record:
 2. Is there a ``REPLACEMENT_OFFERS`` entry for the record's family and audience? If not, block.
 3. First time here (``detected``): does the old subscription still qualify (active, not auto-renewing), and is there
    no untagged subscription of the replacement bought by hand since detection? Otherwise block, nothing bought.
-4. Recover what an earlier attempt may have done without us seeing the answer (an order carrying our tag).
+4. Recover what an earlier attempt may have done without us seeing the answer: an order carrying our tag, or of the
+   replacement's product and quantity created since the attempt; for a lost legacy order also a subscription of the
+   offer created since the attempt (the order list can lag the subscription list). Nothing another migration of the
+   customer recorded is taken.
 5. Find the replacement (by recorded id, order, or friendly-name tag); only if there is none and no order, buy:
    new commerce through a cart (recorded before checkout; checkout is idempotent per cart), legacy through an order
-   (recorded before sending; re-sent with the same MS-RequestId only after the order list's documented lag).
-6. Not active yet → look again later (:class:`RetryLater`) until ``PROVISIONING_TIMEOUT_MINUTES``; active → record
-   it (``purchased``) and hand the record to the license move.
+   (recorded before sending; re-sent with the same MS-RequestId only after the order list's documented lag). Every
+   order a checkout returns is recorded first, also when ``orderErrors`` come with it.
+6. Not active yet → an order Partner Center ended (cancelled, PO review rejected, error; partial success with
+   nothing provisioned) is recorded ``failed`` with its status at once; otherwise look again later
+   (:class:`RetryLater`) until ``PROVISIONING_TIMEOUT_MINUTES``; active → record it (``purchased``) and hand the
+   record to the license move.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from .._client import RequestAttempt
@@ -24,10 +31,12 @@ from .._exceptions import (
     NoAvailabilityError,
     NotFoundError,
     PartnerCenterApiError,
+    PartnerCenterError,
     PurchaseRejectedError,
+    TransportError,
 )
 from .._ledger import MigrationRecord
-from .._models import Order, Subscription, product_key, same_id
+from .._models import CheckoutResult, Order, Subscription, product_key, same_id
 from .._settings import ReplacementTarget
 from . import native
 from ._gate import purchase_allowed
@@ -41,7 +50,23 @@ from ._quantity import replacement_quantity
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
-__all__ = ["friendly_name", "run"]
+__all__ = ["FAILED_ORDER_EVENTS", "friendly_name", "run"]
+
+# order-resources (OrderStatus): after these an order never provisions what it bought — "cancelled", "po review
+# rejected", "error (repurchase)". Learn's examples spell multi-word statuses with underscores ("pending_po_upload",
+# "po_upload_complete": pending-po-upload, po-upload-complete-status), the enum table with spaces: statuses are
+# compared on letters and digits only. Event names are those `retry` treats as "nothing bought" (steps/redrive.py).
+_FAILED_ORDER_STATUSES = {"cancelled": "order_cancelled", "canceled": "order_cancelled",
+                          "poreviewrejected": "order_po_review_rejected", "error": "order_error"}
+# "partial success (repurchase unfulfilled items)": a migration's order has one line item, so with no subscription
+# to show for it, that item is the unfulfilled one. Recorded failed, but `retry` never buys again by itself (a
+# subscription may still show), so it is not one of FAILED_ORDER_EVENTS.
+_PARTIAL_SUCCESS = "partialsuccess"
+# Every other status (pending, pending review, pending PO upload, PO upload complete, suspended, unknown, new values)
+# is still under way or waits for a person: the purchase waits, up to PROVISIONING_TIMEOUT_MINUTES.
+
+#: Last events of a purchase Partner Center ended with nothing provisioned (``retry`` buys again).
+FAILED_ORDER_EVENTS = frozenset(_FAILED_ORDER_STATUSES.values())
 
 
 async def run(work: Work) -> StepResult:
@@ -85,21 +110,24 @@ async def run(work: Work) -> StepResult:
             return work.stop("blocked")
 
     await _recover_order(work)
-    new_sub = await _find_replacement(work, listed)
-    if new_sub is None and not work.record.order_id:
+    new_sub, order = await _find_replacement(work, listed)
+    if new_sub is None and not work.record.order_id and not work.record.new_subscription_id:
         offer = work.record.replacement_offer_id or replacement
         try:
             if ":" in offer:
-                await _buy_through_cart(work, offer)
+                order = await _buy_through_cart(work, offer)
             else:
-                await _buy_through_order(work, offer)
+                order = await _buy_through_order(work, offer)
         except PurchaseRejectedError as exc:
             await _record_rejection(work, exc)
         if work.record.is_final:
             return work.stop(work.record.state)
-        new_sub = await _find_replacement(work)
+        new_sub, seen = await _find_replacement(work)
+        order = seen or order
 
     if new_sub is None or new_sub.status != "active":
+        if order is not None and await _order_ended(work, order, new_sub):
+            return work.stop("failed")
         timeout = work.settings.provisioning_timeout_minutes
         started = datetime.fromisoformat(work.record.purchase_started_at or work.now().isoformat())
         if work.now() - started > timedelta(minutes=timeout):
@@ -108,7 +136,8 @@ async def run(work: Work) -> StepResult:
                 f"replacement not active {timeout} min after purchase (order {work.record.order_id}, cart "
                 f"{work.record.cart_id}); check the order in Partner Center")
             return work.stop("failed")
-        raise RetryLater(f"replacement subscription {new_sub.status if new_sub else 'not visible yet'}")
+        status = f" (order {order.id} {order.status})" if order is not None else ""
+        raise RetryLater(f"replacement subscription {new_sub.status if new_sub else 'not visible yet'}{status}")
 
     await work.transition("purchased", "replacement_active", f"new subscription {new_sub.id}",
                           new_subscription_id=new_sub.id)
@@ -154,11 +183,12 @@ async def _check_still_qualifies(work: Work, replacement: str) -> tuple[Subscrip
 
 
 async def _start_purchase(work: Work, replacement: str, old: Subscription) -> bool:
-    """Choose the quantity, prove the migration can finish (pre-flight), then record the purchase as started.
-    ``False`` after blocking the record (nothing bought)."""
-    quantity, how = await replacement_quantity(work, old)
-    if not await preflight(work, quantity=quantity):
+    """Prove the migration can finish (pre-flight, against the OLD subscription's quantity), choose the quantity,
+    then record the purchase as started. ``False`` after blocking the record (nothing bought)."""
+    old_sku = await preflight(work, old_quantity=old.quantity or work.record.quantity)
+    if old_sku is None:
         return False
+    quantity, how = replacement_quantity(work, old, holders=old_sku.consumed_units)
     await work.transition("purchasing", "purchase_started", f"buying {replacement} x{quantity}: {how}",
                           replacement_offer_id=replacement, quantity=quantity,
                           purchase_started_at=work.now().isoformat(), reseller_partner_id=old.partner_id or None)
@@ -181,27 +211,32 @@ def _untagged_replacement(record: MigrationRecord, replacement: str, listed: lis
     return None
 
 
-async def _find_replacement(work: Work, listed: list[Subscription] | None = None) -> Subscription | None:
-    """The replacement already bought for this record, if any: by recorded id, order id or friendly-name tag.
-    ``listed`` is the customer's subscriptions if the caller has just read them."""
+async def _find_replacement(work: Work, listed: list[Subscription] | None = None
+                            ) -> tuple[Subscription | None, Order | None]:
+    """The replacement already bought for this record, if any: by recorded id, order id or friendly-name tag; and
+    the record's order as just read (``None`` when not read or not visible yet). ``listed`` is the customer's
+    subscriptions if the caller has just read them."""
     record, client = work.record, work.client
     if record.new_subscription_id:
         try:
-            return await client.get_subscription(record.customer_id, record.new_subscription_id)
+            return await client.get_subscription(record.customer_id, record.new_subscription_id), None
         except NotFoundError:
             pass
+    order: Order | None = None
     if record.order_id:
-        for sub in await _subscriptions_of_order(work):
-            return sub
+        order, subs = await _subscriptions_of_order(work)
+        if subs:
+            return subs[0], order
     if listed is None:
         listed = await client.list_subscriptions(record.customer_id)
     for sub in listed:
         if not same_id(sub.id, record.subscription_id) and record.tag in (sub.friendly_name or ""):
-            return sub
-    return None
+            return sub, order
+    return None, order
 
 
-async def _subscriptions_of_order(work: Work) -> list[Subscription]:
+async def _subscriptions_of_order(work: Work) -> tuple[Order | None, list[Subscription]]:
+    """The record's order (``None`` while not visible) and the subscriptions it created so far."""
     record, client = work.record, work.client
     assert record.order_id
     try:
@@ -216,9 +251,37 @@ async def _subscriptions_of_order(work: Work) -> list[Subscription]:
         except NotFoundError:
             continue
     if not found:
-        found = [s for s in await client.list_subscriptions(record.customer_id, order_id=record.order_id)
-                 if not same_id(s.id, record.subscription_id)]
-    return found
+        try:
+            by_order = await client.list_subscriptions(record.customer_id, order_id=record.order_id)
+        except NotFoundError:
+            # get-a-list-of-subscriptions-by-order answers 404 20000 "Order ID not found" while the order is not
+            # visible yet ("an order can take up to 15 minutes to appear": purchase-new-commerce-license-based):
+            # nothing to show yet, not a failure — the caller waits up to PROVISIONING_TIMEOUT_MINUTES.
+            by_order = []
+        found = [s for s in by_order if not same_id(s.id, record.subscription_id)]
+    return order, found
+
+
+async def _order_ended(work: Work, order: Order, new_sub: Subscription | None) -> bool:
+    """Record ``failed`` when Partner Center ended the record's order without an active replacement (order-resources
+    OrderStatus), on the first sight of that status instead of waiting out PROVISIONING_TIMEOUT_MINUTES. ``False``
+    when the order is still under way."""
+    key = "".join(ch for ch in order.status.lower() if ch.isalnum())
+    event = _FAILED_ORDER_STATUSES.get(key)
+    if event is None and not (key == _PARTIAL_SUCCESS and new_sub is None):
+        return False
+    shown = f"its subscription {new_sub.id} is {new_sub.status}" if new_sub else "it provisioned no subscription"
+    if event is not None:
+        advice = ("nothing usable was bought. Check the order in Partner Center; `python -m d365_migration retry` "
+                  "buys again")
+    else:
+        event = "order_partial_success"
+        advice = ("its one line item was not fulfilled (partial success: repurchase unfulfilled items). Check the "
+                  "order in Partner Center; `python -m d365_migration retry` looks for its subscription again and "
+                  "never buys again by itself")
+    await work.transition(
+        "failed", event, f"Partner Center ended order {order.id} as {order.status!r} and {shown}: {advice}")
+    return True
 
 
 async def _recover_order(work: Work) -> None:
@@ -227,7 +290,7 @@ async def _recover_order(work: Work) -> None:
     the source of truth is an order of the replacement's product with the record's quantity, created after the
     recorded attempt (orders "can take up to 15 minutes to appear", hence the caller's waits)."""
     record = work.record
-    if record.order_id or not (record.cart_id or record.order_attempted_at):
+    if record.order_id or record.new_subscription_id or not (record.cart_id or record.order_attempted_at):
         return
     orders = await work.client.list_orders(record.customer_id)
     found = next((o for o in orders if any(record.tag in (li.friendly_name or "") for li in o.line_items)), None)
@@ -237,9 +300,39 @@ async def _recover_order(work: Work) -> None:
         claimed = await work.claimed_by_others()  # another migration's order of the same product is not ours
         found = next((o for o in orders if o.id.lower() not in claimed
                       and o.matches(record.replacement_offer_id, record.quantity, created_after=after)), None)
+        lost_legacy_order = found is None and bool(record.order_attempted_at) and not record.cart_id
+        if lost_legacy_order and await _adopt_lost_order_subscription(work, after, claimed):
+            return
     if found is not None:
         await work.transition("purchasing", "order_found", f"order {found.id}", order_id=found.id,
                               purchase_attempt=record.purchase_attempt + 1)
+
+
+async def _adopt_lost_order_subscription(work: Work, after: datetime, claimed: frozenset[str]) -> bool:
+    """A legacy order whose answer was lost and that the order list does not show (yet): the order list can lag the
+    subscription list by up to 15 minutes (purchase-new-commerce-license-based), and a resend after that wait would
+    buy twice. A subscription of the offer with the record's quantity, created since the attempt, that no other
+    migration of the customer recorded, is the order's: record it (and its order) instead of ever re-sending. A
+    subscription without a creation date is never adopted (it could be older than the attempt)."""
+    record = work.record
+    assert record.replacement_offer_id
+    wanted = product_key(record.replacement_offer_id)
+    candidates = sorted(
+        (s for s in await work.client.list_subscriptions(record.customer_id)
+         if s.product_key == wanted and s.quantity == record.quantity and s.status in ("active", "pending")
+         and not same_id(s.id, record.subscription_id) and s.created is not None and s.created >= after
+         and s.id.lower() not in claimed and (s.order_id or "").lower() not in claimed),
+        key=lambda s: s.created or after)
+    if not candidates:
+        return False
+    sub = candidates[0]
+    await work.transition(
+        "purchasing", "order_found",
+        f"subscription {sub.id} (order {sub.order_id or 'not named'}) of {record.replacement_offer_id} "
+        f"x{record.quantity}, created {sub.created.isoformat() if sub.created else '?'} after the order attempt "
+        "whose answer was lost; the order list does not show it yet. Adopted; nothing re-sent",
+        order_id=sub.order_id or None, new_subscription_id=sub.id, purchase_attempt=record.purchase_attempt + 1)
+    return True
 
 
 async def _record_rejection(work: Work, exc: PurchaseRejectedError) -> None:
@@ -293,8 +386,9 @@ async def _current_catalog_item(work: Work, offer: str) -> str:
     return availability.catalog_item_id
 
 
-async def _buy_through_cart(work: Work, offer: str) -> None:
-    """New commerce: cart (recorded before checkout), then checkout (idempotent per cart)."""
+async def _buy_through_cart(work: Work, offer: str) -> Order | None:
+    """New commerce: cart (recorded before checkout), then checkout (idempotent per cart). Returns the order the
+    checkout answered (``None`` when it named none)."""
     record, client = work.record, work.client
     if not record.cart_id:
         catalog_item_id = await _current_catalog_item(work, offer)
@@ -320,19 +414,49 @@ async def _buy_through_cart(work: Work, offer: str) -> None:
         if exc.code == "800065":  # already submitted: the purchase happened; find what it created
             raise RetryLater("cart already checked out; waiting for its subscription") from None
         raise
-    rejection = result.rejection()
-    if rejection is not None:
-        raise rejection
-    order_id = result.orders[0].id if result.orders else None
-    await work.transition("purchasing", "checked_out", f"order {order_id}", order_id=order_id,
+    except PartnerCenterError as exc:
+        if isinstance(exc, TransportError) or exc.maybe_applied:
+            # No answer after the client's retries: checkout is idempotent per cart, so the next poll checks the
+            # same cart out again (or finds its order) — not a failure of the migration.
+            raise RetryLater(f"checkout got no answer ({type(exc).__name__}); looking again",
+                             delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
+        raise
+    return await _record_checkout(work, result)
+
+
+async def _record_checkout(work: Work, result: CheckoutResult) -> Order | None:
+    """Record what a checkout answered. Orders first: a CartCheckoutResult can carry ``orders`` and ``orderErrors``
+    side by side (checkout-a-cart), and an order that came back means the purchase (may have) happened — its id is
+    never lost, and the record goes on with it (its subscription, its status and the provisioning timeout decide).
+    Only ``orderErrors`` with no order at all are a refused purchase.
+
+    :raises PurchaseRejectedError: ``orderErrors`` and no order.
+    """
+    record = work.record
+    errors = result.rejection()
+    if not result.orders:
+        if errors is not None:
+            raise errors
+        order_id = None
+        detail = "no order in the checkout's answer; looking for it"
+    else:
+        order_id = result.orders[0].id
+        detail = f"order {order_id}"
+        if len(result.orders) > 1:
+            detail += " (also orders " + ", ".join(o.id for o in result.orders[1:]) + ")"
+        if errors is not None:
+            detail += f"; Partner Center also answered orderErrors: {errors.description}"
+            work.log(logging.WARNING, "event=checkout_order_errors order=%s %s", order_id, errors.description)
+    await work.transition("purchasing", "checked_out", detail, order_id=order_id,
                           purchase_attempt=record.purchase_attempt + 1)
+    return result.orders[0] if result.orders else None
 
 
-async def _buy_through_order(work: Work, offer_id: str) -> None:
-    """Legacy: one order, recorded as attempted before it is sent."""
+async def _buy_through_order(work: Work, offer_id: str) -> Order | None:
+    """Legacy: one order, recorded as attempted before it is sent. Returns the order Partner Center answered."""
     record = work.record
     if record.order_id:
-        return
+        return None
     request_id = _attempt(work, "order", record.subscription_id)
     if record.order_attempted_at:
         # A previous attempt may have been applied without us seeing the answer (_recover_order found no order
@@ -351,5 +475,13 @@ async def _buy_through_order(work: Work, offer_id: str) -> None:
         if exc.code == "800060":  # "your order is in progress": treat as possibly succeeded
             raise RetryLater("order in progress (800060)", delay=ORDER_IN_PROGRESS_DELAY_SECONDS) from None
         raise
+    except PartnerCenterError as exc:
+        if isinstance(exc, TransportError) or exc.maybe_applied:
+            # The order may have been placed (or, never sent, was not): the attempt is recorded, so the next poll
+            # looks for it (_recover_order) and re-sends only after LOST_WRITE_RESEND_WAIT_SECONDS. Not a failure.
+            raise RetryLater(f"order got no answer ({type(exc).__name__}); looking for it before anything is "
+                             "re-sent", delay=ORDER_IN_PROGRESS_DELAY_SECONDS) from None
+        raise
     await work.transition("purchasing", "ordered", f"order {order.id}", order_id=order.id,
                           purchase_attempt=record.purchase_attempt + 1)
+    return order

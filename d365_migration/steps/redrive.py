@@ -24,14 +24,16 @@ from .._ledger import MigrationLedger, MigrationRecord, utcnow
 from .._messages import StepMessage
 from .._queues import QueueSender
 from ._routes import message_for, owner_of
+from .purchase import FAILED_ORDER_EVENTS
 
 __all__ = ["REFUSED_PURCHASE_EVENTS", "RedriveResult", "resume_state", "run"]
 
-#: Last events meaning Partner Center refused the purchase, so nothing was bought.
+#: Last events meaning Partner Center refused the purchase (or ended its order cancelled, PO review rejected or in
+#: error: order-resources), so nothing usable was bought and a re-drive buys anew.
 REFUSED_PURCHASE_EVENTS = frozenset({"order_rejected", "checkout_rejected", "checkout_order_errors",
                                      *(f"purchase_rejected_{stage}" for stage in (
                                          "cart", "cart_line_item", "checkout", "order_errors", "order",
-                                         "availability"))})
+                                         "availability")), *FAILED_ORDER_EVENTS})
 
 
 @dataclass(frozen=True)

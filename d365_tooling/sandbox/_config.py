@@ -124,6 +124,27 @@ class SandboxConfig:
     # compares the header byte for byte with an ETag it expects unquoted (suspend-a-subscription's example sends
     # If-Match: <etag>, test-and-debug says ETags are sent in double quotes).
     if_match_always_rejected: bool = False
+    # --- purchase-side behaviours (off by default; the purchase step handles each: tests/steps/test_purchase_docs.py)
+    # get-subscription-provisioning-status calls ``skuId`` only "a string that identifies the product SKU"; nothing
+    # documents that it equals subscribedskus ``productSku.id`` (reference §12 #5, [UNCLEAR]). On: every provisioning
+    # status answers an opaque GUID (stable per SKU) that is no subscribed SKU's id.
+    opaque_provisioning_sku_ids: bool = False
+    # purchase-new-commerce-license-based: "an order can take up to 15 minutes to appear in the customer's order
+    # list". For this long after it is created an order is missing from GET …/orders, and GET …/orders/{id} and
+    # GET …/subscriptions?order_id={id} (get-a-list-of-subscriptions-by-order) answer 404 20000 "Order ID not
+    # found"; the customer's subscription list is not delayed.
+    order_list_lag_s: float = 0.0
+    # Legacy orders' line items and subscriptions show the offer's name as friendlyName, not the one sent:
+    # friendlyName is optional on an OrderLineItem (order-resources) and nothing documents that it is kept, so the
+    # migration's tag is only a convenience (as it is for new commerce, nce_product_friendly_names).
+    legacy_offer_friendly_names: bool = False
+    # checkout-a-cart: a CartCheckoutResult carries ``orders`` and ``orderErrors`` side by side. On: a checkout
+    # answers its order AND one orderErrors entry (another order group failed); a repeated checkout replays both.
+    checkout_order_errors: bool = False
+    # order-resources (OrderStatus): an order can end "cancelled", "pending_review", "po_review_rejected",
+    # "partial_success", "error", … instead of "completed". Non-empty: every order ends in this status (spelled as
+    # given) when it would complete, and provisions nothing. "" = orders complete and provision.
+    order_final_status: str = ""
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

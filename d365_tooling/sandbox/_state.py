@@ -457,6 +457,11 @@ class SandboxState:
 
     def _provision(self, order: Order) -> None:
         c = self._customers[order.customer_id.lower()]
+        if self.config.order_final_status:
+            # order-resources OrderStatus: the order ends cancelled / rejected / in error …; nothing is provisioned.
+            order.status = self.config.order_final_status
+            self._event("order_ended", customer_id=c.id, order_id=order.id, status=order.status)
+            return
         for li in order.line_items:
             item, _ = self.resolve_item(li["offerId"])
             assert item is not None
@@ -516,6 +521,10 @@ class SandboxState:
         with self.lock:
             c = self._customer(customer_id)
             now = self.clock()
+            lagging = c.orders.get(order_id.lower()) if order_id is not None else None
+            if lagging is not None and self._order_lagging(lagging):
+                # get-a-list-of-subscriptions-by-order: the order is not visible yet.
+                raise ApiError(404, 20000, f"Order ID {order_id} not found.")
             out = []
             for s in c.subscriptions.values():
                 if s.listed_at > now or s.provisioned_at > now:
@@ -543,8 +552,12 @@ class SandboxState:
             if lag and age < lag / 2:
                 raise ApiError(404, 800007, f"Unable to retrieve provisioning information for subscription {s.id}.")
             pending = self.clock() < s.listed_at or (lag and age < lag)
+            sku_id = ALL_SKUS[s.sku_id].id if s.sku_id in ALL_SKUS else s.sku_id
+            if self.config.opaque_provisioning_sku_ids:
+                # reference §12 #5: nothing says skuId equals subscribedskus productSku.id; here it does not.
+                sku_id = str(uuid.uuid5(uuid.NAMESPACE_OID, "provisioning-sku/" + sku_id.lower()))
             return {
-                "skuId": ALL_SKUS[s.sku_id].id if s.sku_id in ALL_SKUS else s.sku_id,
+                "skuId": sku_id,
                 "status": "pending" if pending else "success",
                 "quantity": s.quantity,
                 "endDate": s.provisioning_end or s.commitment_end,
@@ -702,6 +715,8 @@ class SandboxState:
             if is_nce and self.config.nce_product_friendly_names and item is not None:
                 # checkout-a-cart / get-a-subscription-by-id examples: new commerce shows the product name.
                 listed_name = item.name
+            elif not is_nce and self.config.legacy_offer_friendly_names and item is not None:
+                listed_name = item.name  # friendlyName is optional on an OrderLineItem; nothing says it is kept
             purchase = {
                 "customer_id": c.id, "order_id": oid, "offer_id": li["offerId"], "quantity": li["quantity"],
                 "friendly_name": li["friendlyName"], "listed_friendly_name": listed_name, "subscription_ids": [],
@@ -746,19 +761,23 @@ class SandboxState:
             order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=None, via="order")
             return order.to_json()
 
+    def _order_lagging(self, order: Order) -> bool:
+        """purchase-new-commerce-license-based: an order "can take up to 15 minutes to appear" (order_list_lag_s)."""
+        return order.creation + float(self.config.order_list_lag_s) > self.clock()
+
     def order_json(self, customer_id: str, order_id: str) -> dict[str, Any]:
         self.tick()
         with self.lock:
             c = self._customer(customer_id)
             o = c.orders.get(order_id.lower())
-            if o is None:
+            if o is None or self._order_lagging(o):
                 raise ApiError(404, 20000, f"Order ID {order_id} not found.")
             return o.to_json()
 
     def orders_json(self, customer_id: str) -> list[dict[str, Any]]:
         self.tick()
         with self.lock:
-            return [o.to_json() for o in self._customer(customer_id).orders.values()]
+            return [o.to_json() for o in self._customer(customer_id).orders.values() if not self._order_lagging(o)]
 
     def order_provisioning_status(self, customer_id: str, order_id: str) -> list[dict[str, Any]]:
         self.tick()
@@ -876,12 +895,15 @@ class SandboxState:
                 billing = str(cart.line_items[0].get("billingCycle") or "monthly")
                 is_nce = all(self.resolve_item(i["offerId"])[0].is_nce for i in items)  # type: ignore[union-attr]
                 order = self._place_order(c, items, billing, is_nce=is_nce, cart_id=cart.id, via="cart")
+                errors = ([{"orderGroupId": "1", "code": 10006,
+                            "description": "Unable to process the cart line items of order group 1."}]
+                          if self.config.checkout_order_errors else [])
                 result = {
                     "orders": [order.to_json()],
-                    "orderErrors": [],
+                    "orderErrors": copy.deepcopy(errors),
                     "attributes": {"objectType": "CartCheckoutResult"},
                 }
-                cart.checkout_result = {"order_ids": [order.id]}
+                cart.checkout_result = {"order_ids": [order.id], "order_errors": errors}
                 cart.status = "Ordered"
                 cart.modified = self.clock()
                 self._event("cart_checked_out", customer_id=c.id, cart_id=cart.id, order_ids=[order.id])
@@ -895,7 +917,7 @@ class SandboxState:
             c = self._customer(customer_id)
             return {
                 "orders": [c.orders[o.lower()].to_json() for o in stored["order_ids"]],
-                "orderErrors": [],
+                "orderErrors": copy.deepcopy(stored.get("order_errors", [])),
                 "attributes": {"objectType": "CartCheckoutResult"},
             }
 
