@@ -102,7 +102,7 @@ async def _stop_or_wait(work: Work, step: StepFunction) -> StepResult:
         delay = None if exc.retry_after is None else max(1, int(exc.retry_after + 0.999))
         raise RetryLater(f"Partner Center says look again later: {exc}", delay=delay) from None
     except ThrottledError as exc:
-        raise RetryLater(f"Partner Center still throttling after the client's retries: {exc}",
+        raise RetryLater(f"Partner Center still throttled the call after the client's retries: {exc}",
                          delay=max(1, math.ceil(exc.retry_after))) from None
 
 

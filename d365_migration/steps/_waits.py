@@ -1,5 +1,5 @@
-"""What the license step and the suspension share: waits measured in time, throttling that outlasted the client, and
-the trail the two steps leave for each other in the record's history.
+"""What the license step and the suspension share: waits measured in time, and the trail the two steps leave for each
+other in the record's history. (Throttling that outlasted the client's retries is the runner's: steps/_runner.py.)
 
 The trail: when the suspension finds the old SKU still consumed it hands the record back (event
 ``old_sku_still_used``); the license step's first page after that which changes someone's licenses says so once
@@ -11,20 +11,15 @@ towards ``MAX_REASSIGN_TRIPS``. An operator's ``retry`` starts the count afresh.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
-from .._exceptions import LookAgainLater, ThrottledError
 from .._ledger import MigrationRecord
-from ._work import RetryLater, Work
+from ._work import Work
 
 __all__ = [
     "HANDED_BACK",
     "MOVED_AGAIN",
     "handed_back_without_moves",
-    "throttling_waits",
     "trips",
     "waited_too_long",
 ]
@@ -42,19 +37,6 @@ async def waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
         await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
         return False
     return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
-
-
-@contextlib.contextmanager
-def throttling_waits() -> Iterator[None]:
-    """A 429 that outlasted the client's retries is Partner Center asking us to wait (api-throttling-guidance), not
-    the migration's failure: the message comes back after ``Retry-After`` instead of burning one of its deliveries."""
-    try:
-        yield
-    except ThrottledError as exc:
-        if isinstance(exc, LookAgainLater):
-            raise  # a Retry-After longer than the client sleeps: the runner's own look-again-later
-        raise RetryLater(f"still throttled after the client's retries: {exc}",
-                         delay=max(1, math.ceil(exc.retry_after))) from None
 
 
 def _since_restart(record: MigrationRecord) -> list[str]:

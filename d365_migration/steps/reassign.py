@@ -34,7 +34,7 @@ from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
 from .._settings import is_guid
 from ._routes import states_owned_by
-from ._waits import MOVED_AGAIN, handed_back_without_moves, throttling_waits, waited_too_long
+from ._waits import MOVED_AGAIN, handed_back_without_moves, waited_too_long
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["run"]
@@ -47,15 +47,9 @@ USER_NOT_FOUND = "60002"
 async def run(work: Work) -> StepResult:
     """The license step for ``work.record``.
 
-    :raises RetryLater: SKUs or free units are not visible yet, the invocation budget is used up, or Partner Center
-        still throttles after the client's retries.
+    :raises RetryLater: SKUs or free units are not visible yet, or the invocation budget is used up.
     :raises PartnerCenterError: a call failed after the client's retries (the message is retried).
     """
-    with throttling_waits():
-        return await _run(work)
-
-
-async def _run(work: Work) -> StepResult:
     record = work.record
     if record.state == "reassigned":
         return work.hand_over("already reassigned")

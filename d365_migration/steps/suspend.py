@@ -40,7 +40,7 @@ from ._policy import (
     MAX_REASSIGN_TRIPS,
 )
 from ._routes import states_owned_by
-from ._waits import HANDED_BACK, handed_back_without_moves, throttling_waits, trips, waited_too_long
+from ._waits import HANDED_BACK, handed_back_without_moves, trips, waited_too_long
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["NO_LONGER_BILLING", "run"]
@@ -58,15 +58,10 @@ _ETAG_STALE = "etag_stale"  # history: one 412/2055 answer to the suspension PAT
 async def run(work: Work) -> StepResult:
     """The suspension step for ``work.record``.
 
-    :raises RetryLater: the subscription changed under the PATCH, is not suspended yet after it, a precondition is
-        not visible yet, or Partner Center still throttles after the client's retries.
+    :raises RetryLater: the subscription changed under the PATCH, is not suspended yet after it, or a precondition
+        is not visible yet.
     :raises PartnerCenterError: a call failed after the client's retries (the message is retried).
     """
-    with throttling_waits():
-        return await _run(work)
-
-
-async def _run(work: Work) -> StepResult:
     record, client = work.record, work.client
     if record.state not in states_owned_by("suspend") or not record.new_subscription_id or not record.old_sku_id:
         # A stale or duplicate message (the record moved on, or went back to reassigning): nothing to do here;
