@@ -50,7 +50,10 @@ from ._quantity import replacement_quantity
 from ._routes import states_owned_by
 from ._work import RetryLater, StepResult, Work
 
-__all__ = ["FAILED_ORDER_EVENTS", "friendly_name", "run"]
+__all__ = ["CHECKOUT_SENT", "FAILED_ORDER_EVENTS", "REPEAT_CHECKOUT_REFUSED", "friendly_name", "run"]
+
+CHECKOUT_SENT = "checkout_sent"  # history: a checkout of the cart named in the detail was sent
+REPEAT_CHECKOUT_REFUSED = "repeat_checkout_refused"  # blocked: a repeat checkout was refused after a lost answer
 
 # order-resources (OrderStatus): after these an order never provisions what it bought — "cancelled", "po review
 # rejected", "error (repurchase)". Learn's examples spell multi-word statuses with underscores ("pending_po_upload",
@@ -402,10 +405,20 @@ async def _buy_through_cart(work: Work, offer: str) -> Order | None:
         # idempotent per cart, so the purchase happens at most once. The answer was seen: the next write gets a new id.
         record = await work.transition("purchasing", "cart_created", f"cart {cart.id} ({catalog_item_id})",
                                        cart_id=cart.id, purchase_attempt=record.purchase_attempt + 1)
-    assert record.cart_id
+    cart_id = record.cart_id
+    assert cart_id
+    # Recorded BEFORE the first checkout of this cart: a later checkout of it is a repeat after an answer we did not
+    # see, and a refusal of a repeat does not mean nothing was bought.
+    repeat = _checkout_sent(record)
+    if not repeat:
+        record = await work.transition("purchasing", CHECKOUT_SENT, f"cart {cart_id}")
     try:
-        result = await client.checkout_cart(record.customer_id, record.cart_id,
-                                            request_id=_attempt(work, "checkout", record.cart_id))
+        result = await client.checkout_cart(record.customer_id, cart_id, request_id=_attempt(work, "checkout", cart_id))
+    except PurchaseRejectedError as exc:
+        if repeat:
+            await _repeat_checkout_refused(work, exc)
+            return None
+        raise
     except ConflictError as exc:
         if exc.code in ("800064", "800060"):
             raise RetryLater(f"checkout in progress ({exc.code})", delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
@@ -422,6 +435,34 @@ async def _buy_through_cart(work: Work, offer: str) -> Order | None:
                              delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
         raise
     return await _record_checkout(work, result)
+
+
+def _checkout_sent(record: MigrationRecord) -> bool:
+    """Was a checkout of the record's current cart already sent?"""
+    detail = f"cart {record.cart_id}"
+    return any(h.get("event") == CHECKOUT_SENT and h.get("detail") == detail for h in record.history)
+
+
+async def _repeat_checkout_refused(work: Work, exc: PurchaseRejectedError) -> None:
+    """A checkout whose answer we never saw was sent again and refused (e.g. ``404 800008``: the cart expired —
+    cart-resources). The first one may have bought the replacement: its order can take up to 15 minutes to show
+    (purchase-new-commerce-license-based), so the refusal is no proof that nothing was bought. A subscription of the
+    product with the quantity, created since the purchase started and no other migration's, is adopted; otherwise
+    the record stops for a human — never "nothing was bought", which would let a re-drive buy again."""
+    record = work.record
+    started = datetime.fromisoformat(record.purchase_started_at or work.now().isoformat()) - CLOCK_SKEW
+    if record.replacement_offer_id and await _adopt_lost_order_subscription(work, started,
+                                                                           await work.claimed_by_others()):
+        return
+    code = f" code {exc.code}" if exc.code else ""
+    await work.transition(
+        "blocked", REPEAT_CHECKOUT_REFUSED,
+        f"the checkout of cart {record.cart_id} got no answer we saw, and checking it out again was refused (HTTP "
+        f"{exc.status}{code}: {exc.description}). The first checkout may have bought the replacement "
+        f"({record.replacement_offer_id} x{record.quantity}) without it showing yet. Check the customer's orders in "
+        f"Partner Center: if it was bought, add [{record.tag}] to the new subscription's friendly name and "
+        "`python -m d365_migration retry`; if nothing was bought, `retry --buy-anyway` buys anew",
+        purchase_attempt=record.purchase_attempt + 1)
 
 
 async def _record_checkout(work: Work, result: CheckoutResult) -> Order | None:

@@ -24,7 +24,7 @@ from .._ledger import MigrationLedger, MigrationRecord, utcnow
 from .._messages import StepMessage
 from .._queues import QueueSender
 from ._routes import message_for, owner_of
-from .purchase import FAILED_ORDER_EVENTS
+from .purchase import FAILED_ORDER_EVENTS, REPEAT_CHECKOUT_REFUSED
 
 __all__ = ["REFUSED_PURCHASE_EVENTS", "RedriveResult", "resume_state", "run"]
 
@@ -100,7 +100,10 @@ async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_
             return RedriveResult(target, record, refused=f"the users file names {len(upns)} users but the old "
                                  f"subscription accounts for only {record.quantity}; list at most that many")
         named = json.dumps(upns)
-    if previous == "failed" and record.history and record.history[-1].get("event") in REFUSED_PURCHASE_EVENTS:
+    last_event = record.history[-1].get("event") if record.history else None
+    refused = previous == "failed" and last_event in REFUSED_PURCHASE_EVENTS
+    # A repeat checkout refused after a lost answer: only the operator can say nothing was bought (--buy-anyway).
+    if refused or (buy_anyway and last_event == REPEAT_CHECKOUT_REFUSED):
         record = replace(record, replacement_offer_id=None, cart_id=None, order_id=None, order_attempted_at=None,
                          purchase_started_at=None)
     state = resume_state(record)

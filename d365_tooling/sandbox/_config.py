@@ -145,6 +145,10 @@ class SandboxConfig:
     # "partial_success", "error", … instead of "completed". Non-empty: every order ends in this status (spelled as
     # given) when it would complete, and provisions nothing. "" = orders complete and provision.
     order_final_status: str = ""
+    # cart-resources: "Carts expire 7 days after creation" (the example's expirationTimestamp is ~15 minutes after it,
+    # [UNCLEAR]). Non-zero: a cart is gone this many seconds after creation — any checkout of it, a repeat of one that
+    # succeeded included, answers 404 800008 "Unable to retrieve cart ID" (error-codes) instead of the replay.
+    cart_expiry_s: float = 0.0
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

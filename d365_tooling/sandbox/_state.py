@@ -243,13 +243,14 @@ class Cart:
     status: str = "Active"
     processing: bool = False
     checkout_result: dict[str, Any] | None = None
+    lifetime_s: float = 7 * 86400  # cart-resources: carts expire 7 days after creation
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "creationTimestamp": iso(self.creation),
             "lastModifiedTimestamp": iso(self.modified),
-            "expirationTimestamp": iso(self.creation + 7 * 86400),
+            "expirationTimestamp": iso(self.creation + self.lifetime_s),
             "lastModifiedUser": "sandbox-agent@sandboxpartner.onmicrosoft.com",
             "lineItems": copy.deepcopy(self.line_items),
             "status": self.status,
@@ -866,6 +867,10 @@ class SandboxState:
         with self.lock:
             c = self._customer(customer_id)
             cart = self._cart(c, cart_id)
+            expiry = float(self.config.cart_expiry_s or 0)
+            if expiry and self.clock() - cart.creation > expiry:
+                # An expired cart is gone: its checkout, a repeat of one that succeeded too, finds no cart.
+                raise ApiError(404, 800008, f"Unable to retrieve cart ID {cart.id}.")
             if cart.checkout_result is not None:
                 self._event("cart_checkout_replayed", customer_id=c.id, cart_id=cart.id)
                 return cart, copy.deepcopy(cart.checkout_result)

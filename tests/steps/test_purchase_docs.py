@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -258,3 +260,66 @@ async def test_an_order_pending_review_keeps_waiting(state: SandboxState, storag
             record = await svc.ledger.get(t.customer_id, t.subscription_id)
     assert record is not None and record.state == "purchasing", record
     assert "pending_review" in result.note and len(mine(state, t)) == 1
+
+
+# ------------------------------------------------------------------ a repeat checkout refused after a lost answer
+
+
+def _crash_after_first_checkout(svc: Any) -> Callable[[], None]:
+    """The worker dies right after the checkout was sent and applied, before its order is recorded. Returns undo."""
+    checkout = svc.client.checkout_cart
+
+    async def crash(*args: Any, **kwargs: Any) -> Any:
+        await checkout(*args, **kwargs)
+        svc.client.checkout_cart = checkout
+        raise RuntimeError("worker killed after the checkout")
+
+    svc.client.checkout_cart = crash
+
+    def undo() -> None:
+        svc.client.checkout_cart = checkout
+
+    return undo
+
+
+@pytest.mark.parametrize("visible", [True, False], ids=["subscription-visible", "nothing-visible"])
+async def test_a_repeat_checkout_refused_after_a_lost_answer_never_counts_as_nothing_bought(
+        storage: str, tmp_path: Any, visible: bool) -> None:
+    """The first checkout bought the replacement but its answer was lost; by the repeat the cart has expired (404
+    800008) and the order list still lags. Either the new subscription shows and is adopted, or the record stops for
+    a human — and a plain `retry` does not buy a second time (only `--buy-anyway` does, on the operator's word)."""
+    now = [time.time()]
+    state = SandboxState(clock=lambda: now[0])
+    t = Tenant(state, holders=1)
+    config = SandboxConfig(cart_expiry_s=60, order_list_lag_s=3600, nce_product_friendly_names=True,
+                           provisioning_delay_s=0 if visible else 3600)
+    with SandboxServer(state, config) as srv:
+        async with service(srv.url, storage) as svc:
+            (msg,) = (await detect(svc)).purchase_messages
+            undo = _crash_after_first_checkout(svc)
+            with pytest.raises(RuntimeError):
+                await svc.run(msg)
+            undo()
+            assert len(mine(state, t)) == 1  # the purchase happened
+            now[0] += 61  # the cart is gone by the time the checkout is repeated
+            await svc.run(msg)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None
+            if visible:
+                assert record.state == "purchased", record
+                assert [record.new_subscription_id] == [s.lower() for s in mine(state, t)[0]["subscription_ids"]]
+            else:
+                assert record.state == "blocked" and "repeat_checkout_refused" in _events(record), record
+                assert record.reason is not None and "800008" in record.reason and "--buy-anyway" in record.reason
+                settings = Settings.from_env(env_for(srv.url, storage))
+                assert await retry(settings, f"{t.customer_id}/{t.subscription_id}", io.StringIO()) == 0
+                await svc.run(msg_for("purchase", t.customer_id, t.subscription_id))
+                again = await svc.ledger.get(t.customer_id, t.subscription_id)
+                assert again is not None and again.state == "blocked", again
+                # The operator's word that nothing was bought: the cart is forgotten and the next pass buys anew.
+                assert await retry(settings, f"{t.customer_id}/{t.subscription_id}", io.StringIO(),
+                                   buy_anyway=True) == 0
+                fresh = await svc.ledger.get(t.customer_id, t.subscription_id)
+                assert fresh is not None and fresh.cart_id is None and fresh.state == "detected", fresh
+    assert len(mine(state, t)) == 1  # never bought twice
+    assert t.old_status() == "active"
