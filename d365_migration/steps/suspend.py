@@ -20,7 +20,9 @@ Read top to bottom, for one ``reassigned`` record:
    other fields); a changed ETag means re-read and try again — with a growing wait, and blocked (``etag_rejected``)
    after ``ETAG_REJECTIONS_MAX`` rejections in a row, each right after a fresh GET. Verified suspended →
    ``completed``. ``400 800091`` ("can't update subscription with suspended status", e.g. our earlier PATCH whose
-   answer was lost) → re-read and complete if it is suspended.
+   answer was lost) → re-read and complete if it is suspended. A PATCH answered but not showing (the subscription
+   still reads active) → looked at again, re-sent at most once per ``LOST_WRITE_RESEND_WAIT_SECONDS``, blocked
+   (``suspension_not_applied``) after ``PROVISIONING_TIMEOUT_MINUTES``.
 
 Request ids follow the documented rule: the recorded ``suspend_attempt`` is bumped after every answer, so only a
 PATCH whose answer was lost is re-sent with the same ``MS-RequestId``.
@@ -29,6 +31,7 @@ PATCH whose answer was lost is re-sent with the same ``MS-RequestId``.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from .._client import RequestAttempt
 from .._exceptions import PreconditionFailedError, SubscriptionSuspendedError
@@ -53,6 +56,8 @@ __all__ = ["NO_LONGER_BILLING", "run"]
 NO_LONGER_BILLING = frozenset({"suspended", "deleted", "expired", "disabled"})
 
 _ETAG_STALE = "etag_stale"  # history: one 412/2055 answer to the suspension PATCH
+# wait kind and history event: a suspension PATCH was answered but the subscription does not read suspended
+NOT_SUSPENDED_YET = "suspension_not_visible"
 
 
 async def run(work: Work) -> StepResult:
@@ -82,7 +87,16 @@ async def run(work: Work) -> StepResult:
     stopped = await _status_checked(work, old_sub)
     if stopped is not None:
         return stopped
-    if work.record.wait_kind:
+    if work.record.wait_kind == NOT_SUSPENDED_YET:
+        # A suspension PATCH was answered but the subscription still reads active: look, don't ask again, until the
+        # re-send wait since the last one is over (the same wait as any write whose effect we cannot see yet).
+        if await waited_too_long(work, NOT_SUSPENDED_YET, work.settings.provisioning_timeout_minutes):
+            return await _not_applied(work, old_sub.status)
+        last = next(datetime.fromisoformat(h["at"]) for h in reversed(work.record.history)
+                    if h.get("event") == NOT_SUSPENDED_YET)
+        if work.now() - last < timedelta(seconds=work.settings.lost_write_resend_wait_seconds):
+            raise RetryLater(f"old subscription still {old_sub.status} after the suspension was answered")
+    elif work.record.wait_kind:
         await work.checkpoint(wait_kind=None, wait_started_at=None)  # every wait is over: a next one starts afresh
     try:
         updated = await _patch_suspended(work, old_sub)
@@ -104,6 +118,13 @@ async def run(work: Work) -> StepResult:
     if updated.status != "suspended":
         check = await client.get_subscription(record.customer_id, record.subscription_id)
         if check.status != "suspended":
+            # Answered, not applied (or not visible yet): re-sent at most once per LOST_WRITE_RESEND_WAIT_SECONDS,
+            # and never for longer than PROVISIONING_TIMEOUT_MINUTES in all.
+            if await waited_too_long(work, NOT_SUSPENDED_YET, work.settings.provisioning_timeout_minutes):
+                return await _not_applied(work, check.status)
+            await work.transition(work.record.state, NOT_SUSPENDED_YET,
+                                  f"PATCH answered but the subscription reads {check.status}; looking again, "
+                                  "re-sending only after LOST_WRITE_RESEND_WAIT_SECONDS")
             raise RetryLater(f"old subscription still {check.status} after PATCH")
     await work.transition("completed", "old_suspended",
                           f"old subscription suspended; replacement {record.new_subscription_id}")
@@ -277,6 +298,14 @@ async def _patch_suspended(work: Work, old_sub: Subscription) -> Subscription:
     finally:
         if client.was_answered(attempt):
             await work.checkpoint(suspend_attempt=attempt.attempt + 1)
+
+
+async def _not_applied(work: Work, status: str) -> StepResult:
+    limit = work.settings.provisioning_timeout_minutes
+    return await _block(work, "suspension_not_applied",
+                        f"Partner Center answered the suspension PATCH but the old subscription still reads {status} "
+                        f"after {limit} min (PROVISIONING_TIMEOUT_MINUTES); check it in Partner Center, then "
+                        "`python -m d365_migration retry`")
 
 
 async def _block(work: Work, event: str, detail: str) -> StepResult:

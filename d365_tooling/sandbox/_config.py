@@ -149,6 +149,10 @@ class SandboxConfig:
     # [UNCLEAR]). Non-zero: a cart is gone this many seconds after creation — any checkout of it, a repeat of one that
     # succeeded included, answers 404 800008 "Unable to retrieve cart ID" (error-codes) instead of the replay.
     cart_expiry_s: float = 0.0
+    # Stricter than documented: a PATCH that changes a subscription's status answers 200 with the subscription as it
+    # was (status unchanged) — update-a-subscription-by-id documents 200 with the updated resource, or 202 + Location
+    # while it is pending; a client must confirm the change by reading, and must not re-send it without end.
+    patch_status_ignored: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod

@@ -636,8 +636,10 @@ class SandboxState:
                 auto = bool(ci_get(body, "autoRenewEnabled")) if ci_has(body, "autoRenewEnabled") else False
                 if auto != s.auto_renew:
                     changes["autoRenewEnabled"] = [s.auto_renew, auto]
-                if new_status != s.status:
+                if new_status != s.status and not self.config.patch_status_ignored:
                     changes["status"] = [s.status, new_status]
+                elif new_status != s.status:
+                    new_status = s.status  # answered 200 with the resource as it was (patch_status_ignored)
                 # apply
                 if "quantity" in changes:
                     s.quantity = int(changes["quantity"][1])

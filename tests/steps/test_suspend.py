@@ -223,3 +223,37 @@ async def test_throttling_that_outlasts_the_client_waits_instead_of_burning_a_de
     assert "throttled" in result.note and result.next_messages == []
     assert record is not None and record.state == "reassigned", record
     assert t.old_status() == "active" and state.patches() == []
+
+
+async def test_a_suspension_answered_but_not_applied_is_resent_only_after_the_wait_then_blocks(
+        state: SandboxState, storage: str) -> None:
+    """A PATCH answered 200 whose change never shows (stricter than documented: sandbox patch_status_ignored) is
+    looked at, re-sent at most once per LOST_WRITE_RESEND_WAIT_SECONDS, and blocked after the provisioning timeout —
+    never a PATCH per delivery without end."""
+    from datetime import timedelta
+
+    from tests.steps._world import Clock
+
+    t = Tenant(state, holders=1)
+    clock = Clock()
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, clock=clock) as svc:
+            report = await detect(svc)
+            (suspend_msg,) = await drive(svc, report.purchase_messages, stop_before="suspend")
+            srv.config.patch_status_ignored = True
+
+            def patches() -> int:
+                return sum(1 for r in state.requests() if r["method"] == "PATCH")
+
+            await svc.run(suspend_msg)
+            await svc.run(suspend_msg)  # soon after: looked at, not re-sent
+            assert patches() == 1
+            clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 1))
+            await svc.run(suspend_msg)
+            assert patches() == 2  # re-sent once the wait is over
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            await svc.run(suspend_msg)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.history[-1]["event"] == "suspension_not_applied"
+    assert patches() == 2 and t.old_status() == "active"
