@@ -536,6 +536,9 @@ class SubscribedSku:
     active_units: int
     consumed_units: int
     total_units: int
+    # get-a-list-of-available-licenses' example also carries these (units in a grace period / suspended)
+    warning_units: int = 0
+    suspended_units: int = 0
 
     @classmethod
     def parse(cls, data: Any) -> SubscribedSku:
@@ -546,6 +549,8 @@ class SubscribedSku:
             active_units=_opt_int(obj, "activeUnits"),
             consumed_units=_opt_int(obj, "consumedUnits"),
             total_units=_opt_int(obj, "totalUnits"),
+            warning_units=_opt_int(obj, "warningUnits"),
+            suspended_units=_opt_int(obj, "suspendedUnits"),
         )
 
 

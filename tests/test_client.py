@@ -34,6 +34,7 @@ from d365_migration._models import (
     FAR_FUTURE_YEAR,
     CheckoutResult,
     Customer,
+    SubscribedSku,
     Subscription,
     parse_datetime,
     segment_for_audience,
@@ -672,3 +673,9 @@ async def test_the_transition_history_under_its_example_key_names_its_source() -
     client, _ = make_client(handler)
     (t,) = await client.list_transitions(CUST, SUB)
     assert t.id == "op-1" and t.from_subscription_id == SUB and t.to_subscription_id == "new-1" and t.completed
+
+
+def test_subscribed_skus_keep_warning_and_suspended_units() -> None:
+    sku = SubscribedSku.parse({"availableUnits": 4, "activeUnits": 5, "consumedUnits": 1, "suspendedUnits": 2,
+                               "totalUnits": 5, "warningUnits": 3, "productSku": {"id": "efccb6f7", "name": "EMS"}})
+    assert (sku.active_units, sku.warning_units, sku.suspended_units, sku.total_units) == (5, 3, 2, 5)
