@@ -35,8 +35,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
-from urllib.parse import parse_qsl, quote, urlsplit
+from typing import Any, Literal, Protocol
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
 import httpx
 
@@ -86,6 +86,8 @@ from ._ratelimit import Pacer, RateLimiter
 from ._settings import is_guid
 
 __all__ = [
+    "ETAG_FORMS",
+    "EtagForm",
     "PageRequest",
     "PartnerCenterClient",
     "RequestAttempt",
@@ -154,6 +156,10 @@ class RequestAttempt:
 
 RequestIdLike = str | RequestAttempt
 
+#: How ``If-Match`` carries a subscription's ETag (see :meth:`PartnerCenterClient.set_subscription_status`).
+EtagForm = Literal["quoted", "as_received"]
+ETAG_FORMS: tuple[EtagForm, ...] = ("quoted", "as_received")
+
 # GDAP roles each App+User-only operation needs (Microsoft Learn, "GDAP roles" on each operation's page):
 # get-a-list-of-all-user-accounts-for-a-customer, get-a-list-of-available-licenses, assign-licenses-to-a-user,
 # get-subscription-provisioning-status.
@@ -214,7 +220,7 @@ class PageRequest:
         """Validated: only our API's paths and only the paging header may come back from storage."""
         if not isinstance(data, Mapping) or not isinstance(data.get("path"), str):
             raise ValueError("page cursor must be an object with a path")
-        path = data["path"]
+        path = _v1_lower(data["path"])
         if not path.startswith("/v1/customers") or ".." in path or "//" in path:
             raise ValueError(f"page cursor path {path!r} is not a Partner Center collection")
         params = tuple((str(k), str(v)) for k, v in data.get("params") or [])
@@ -346,6 +352,7 @@ class _Sender:
         refreshed = False
         last_error: Exception | None = None
         for attempt in range(self._max_attempts):
+            server_wait = 0.0  # a 5xx's Retry-After: the next try waits at least that long
             if limiter is not None:
                 await limiter.acquire()
             send_headers = await self._headers(request_id, headers, force_refresh)
@@ -407,7 +414,9 @@ class _Sender:
                     return response
             if attempt + 1 < self._max_attempts:
                 self.stats.retries += 1
-                delay = self._backoff(attempt)
+                # A 503 with Retry-After says when to come back (api-throttling-guidance: wait Retry-After);
+                # sooner would only spend an attempt.
+                delay = max(self._backoff(attempt), server_wait)
                 logger.info("%sretrying %s %s in %.2fs after %s (same MS-RequestId)", log_prefix(), method,
                             _path_only(path), delay, type(last_error).__name__)
                 await self._sleep(delay)
@@ -514,7 +523,7 @@ class _ClientBase:
         """:meth:`_Sender.send`: the first 2xx response (for operations that read status codes or headers)."""
         return await self._sender.send(method, path, **kwargs)
 
-    async def fetch_page(self, page: PageRequest, *, what: str
+    async def fetch_page(self, page: PageRequest, *, what: str, bare_key: str | None = None
                          ) -> tuple[list[Any], PageRequest | None]:
         """One page: its ``items`` and the request for the next page (``None`` on the last).
 
@@ -532,23 +541,26 @@ class _ClientBase:
             raise
         if not isinstance(body, Mapping):
             raise MalformedResponseError(f"{what} page is not a JSON object", method="GET", path=page.path)
+        if get_ci(body, "items") is None and bare_key is not None and get_ci(body, bare_key) is not None:
+            return [body], None  # one bare resource where a collection was expected (see collection_items)
         items = get_ci(body, "items")
         if items is None:
             items = []
         if not isinstance(items, list):
             raise MalformedResponseError(f"{what} page 'items' is not a list", method="GET", path=page.path)
-        nxt = _next_page(body, page)
+        nxt = _next_page(body, page, endpoint=self._endpoint)
         if nxt is not None and nxt == page:
             raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
                                          path=page.path)
         return items, nxt
 
-    async def _paged(self, first: PageRequest, what: str) -> AsyncIterator[list[Any]]:
+    async def _paged(self, first: PageRequest, what: str, *, bare_key: str | None = None
+                     ) -> AsyncIterator[list[Any]]:
         """Yield the ``items`` of each page, following ``links.next`` or the top-level ``continuationToken``."""
         page: PageRequest | None = first
         seen: set[PageRequest] = set()
         while page is not None:
-            items, nxt = await self.fetch_page(page, what=what)
+            items, nxt = await self.fetch_page(page, what=what, bare_key=bare_key)
             yield items
             if nxt is not None and nxt in seen:
                 raise MalformedResponseError(f"{what} paging repeats the same continuation", method="GET",
@@ -589,7 +601,8 @@ class _SubscriptionOps(_ClientBase):
         return Subscription.parse(await self.request("GET", path))
 
     async def set_subscription_status(self, customer_id: str, subscription: Subscription, *, status: str,
-                                      request_id: RequestIdLike) -> Subscription | UpdateAccepted:
+                                      request_id: RequestIdLike, etag_form: EtagForm = "quoted"
+                                      ) -> Subscription | UpdateAccepted:
         """PATCH the *whole* resource with the new status and ``If-Match`` (a partial body resets auto-renew).
 
         Returns the updated subscription (``200``), or :class:`UpdateAccepted` when Partner Center answers
@@ -600,14 +613,22 @@ class _SubscriptionOps(_ClientBase):
         :raises UpdatePendingError: ``409`` ``800082``/``900278``: an earlier update is still pending; look later.
         :raises SubscriptionSuspendedError: ``400 800091``: already suspended (e.g. our earlier PATCH whose answer
             was lost); re-read and complete if that was the goal.
-        :raises PreconditionFailedError: the ETag is stale; re-read and decide again.
+        :raises PreconditionFailedError: the ETag is stale (or, see ``etag_form``, not in the form the service
+            compares); re-read and decide again.
+
+        ``etag_form`` is how ``If-Match`` carries the ETag: ``"quoted"`` (default; test-and-debug: "ETags … in double
+        quotes") or ``"as_received"``, exactly as the GET returned it (suspend-a-subscription's example sends
+        ``If-Match: <etag>`` unquoted). A service that compares literally refuses the other form with 412 / 400
+        2055 although nothing changed: the caller that sees that right after a fresh GET, and reads the ETag
+        unchanged, sends the PATCH once more with ``etag_form="as_received"`` — as a new attempt (a new
+        ``MS-RequestId``: the refusal was an answer), which is why the client does not retry this by itself.
         """
         body = dict(subscription.raw)
         for key in list(body):
             if key.lower() == "status":
                 del body[key]
         body["status"] = status
-        headers = {"If-Match": _quote_etag(subscription.etag)} if subscription.etag else None
+        headers = {"If-Match": _if_match(subscription.etag, etag_form)} if subscription.etag else None
         path = self._sub_path(customer_id, subscription.id)
         response = await self._send("PATCH", path, json_body=body, headers=headers, request_id=request_id)
         if response.status_code == 202 or not response.content.strip():
@@ -641,13 +662,15 @@ class _SubscriptionOps(_ClientBase):
             await self._sleep(poll)
 
     async def update_subscription(self, customer_id: str, subscription: Subscription, *, status: str,
-                                  request_id: RequestIdLike) -> Subscription:
+                                  request_id: RequestIdLike, etag_form: EtagForm = "quoted") -> Subscription:
         """:meth:`set_subscription_status`, then, on ``202 Accepted``, :meth:`confirm_subscription_status`.
 
         :raises UpdatePendingError: pending (``409``) or accepted but not visible within the confirmation window.
         :raises SubscriptionSuspendedError: ``400 800091`` (see :meth:`set_subscription_status`).
+        :raises PreconditionFailedError: see :meth:`set_subscription_status` (and its ``etag_form``).
         """
-        result = await self.set_subscription_status(customer_id, subscription, status=status, request_id=request_id)
+        result = await self.set_subscription_status(customer_id, subscription, status=status, request_id=request_id,
+                                                    etag_form=etag_form)
         if isinstance(result, UpdateAccepted):
             return await self.confirm_subscription_status(customer_id, subscription.id, status)
         return result
@@ -698,6 +721,9 @@ class _PurchaseOps(_ClientBase):
             "referenceCustomerId": customer_id,
             "billingCycle": billing_cycle,
             "lineItems": [line_item],
+            # create-an-order: "PartnerOnRecordAttestationAccepted | Boolean | Yes | Confirms Attestation
+            # completion" (spelled as in its request example).
+            "PartnerOnRecordAttestationAccepted": True,
             "attributes": {"objectType": "Order"},
         }
         try:
@@ -746,7 +772,8 @@ class _PurchaseOps(_ClientBase):
             params["targetSegment"] = target_segment
         body = await self.request("GET", path, params=params)
         out = []
-        for item in collection_items(body, "availabilities", path):
+        # get-a-list-of-availabilities-for-a-sku's new-commerce example answers one bare Availability.
+        for item in collection_items(body, "availabilities", path, bare_key="catalogItemId"):
             try:
                 out.append(Availability.parse(item))
             except MalformedResponseError:
@@ -754,22 +781,30 @@ class _PurchaseOps(_ClientBase):
         return out
 
     async def resolve_availability(self, product_id: str, sku_id: str, *, country: str, term_duration: str,
-                                   billing_cycle: str, target_segment: str | None = None) -> Availability:
-        """The availability to buy *now*: purchasable in ``country`` with a term of ``term_duration`` billed
-        ``billing_cycle``. Catalog item ids "can change over time … should only be accessed and used at the time of
-        purchase" (https://learn.microsoft.com/partner-center/developer/product-resources), so call this right
-        before creating the cart and buy ``result.catalog_item_id``.
+                                   billing_cycle: str, segment: str | None = None) -> Availability:
+        """The availability to buy *now*: purchasable in ``country`` and ``segment`` (see
+        :func:`~._models.segment_for_audience`) with a term of ``term_duration`` billed ``billing_cycle``. Catalog
+        item ids "can change over time … should only be accessed and used at the time of purchase"
+        (https://learn.microsoft.com/partner-center/developer/product-resources), so call this right before creating
+        the cart and buy ``result.catalog_item_id``.
+
+        ``segment`` goes out as ``targetSegment`` — without it "all segments except nonprofit will be returned"
+        (get-a-list-of-availabilities-for-a-sku) — and is checked again on each answer's ``segment``, so a service
+        that ignores the filter cannot sell a commercial customer an education availability (create-a-cart: "Ensure
+        availability of the catalog item is for the correct segment").
 
         :raises NoAvailabilityError: none matches (a business failure: record it, naming what was asked for).
         """
-        found = await self.list_availabilities(product_id, sku_id, country=country, target_segment=target_segment)
+        found = await self.list_availabilities(product_id, sku_id, country=country, target_segment=segment)
+        found = [a for a in found if a.in_segment(segment)]
         for availability in found:
             if availability.is_purchasable and availability.offers(term_duration, billing_cycle):
                 return availability
         offered = sorted({f"{t.duration}/{t.billing_cycle or '?'}" for a in found if a.is_purchasable
                           for t in a.terms})
+        where = f"{country.upper()}" + (f", segment {segment}" if segment else "")
         raise NoAvailabilityError(
-            404, None, f"no purchasable availability of {product_id}:{sku_id} in {country.upper()} for term "
+            404, None, f"no purchasable availability of {product_id}:{sku_id} in {where} for term "
             f"{term_duration} billed {billing_cycle} (offered: {', '.join(offered) or 'nothing'})",
             stage="availability", method="GET", path=f"/v1/products/{product_id}/skus/{sku_id}/availabilities")
 
@@ -791,7 +826,9 @@ class _PurchaseOps(_ClientBase):
         if reseller_partner_id:
             line_item["participants"] = [{"key": "transaction_reseller",
                                           "value": _segment(reseller_partner_id, "partner id")}]
-        body = {"lineItems": [line_item], "attributes": {"objectType": "Cart"}}
+        # create-a-cart: "PartnerOnRecordAttestationAccepted | Boolean | Yes | Confirms Attestation completion".
+        body = {"PartnerOnRecordAttestationAccepted": True, "lineItems": [line_item],
+                "attributes": {"objectType": "Cart"}}
         try:
             cart = Cart.parse(await self.request("POST", path, json_body=body, request_id=request_id))
         except ClientError as exc:
@@ -889,9 +926,10 @@ class _UserOps(_ClientBase):
             params.append(("targetSegment", target_segment))
         return tuple(params)
 
-    async def _catalog_items(self, path: str, params: tuple[tuple[str, str], ...], what: str) -> list[Any]:
+    async def _catalog_items(self, path: str, params: tuple[tuple[str, str], ...], what: str, *,
+                             bare_key: str | None = None) -> list[Any]:
         items: list[Any] = []
-        async for page in self._paged(PageRequest(path, params), what):
+        async for page in self._paged(PageRequest(path, params), what, bare_key=bare_key):
             items.extend(page)
         return items
 
@@ -914,7 +952,8 @@ class _UserOps(_ClientBase):
         the service sent them (the ``offers`` report reads fields the typed :class:`Availability` leaves out)."""
         path = (f"/v1/products/{_segment(product_id, 'product id')}/skus/{_segment(sku_id, 'sku id')}"
                 "/availabilities")
-        items = await self._catalog_items(path, self._catalog_params(country, target_segment), "availabilities")
+        items = await self._catalog_items(path, self._catalog_params(country, target_segment), "availabilities",
+                                          bare_key="catalogItemId")
         return [i for i in items if isinstance(i, Mapping)]
 
 
@@ -935,6 +974,14 @@ def _path_only(path: str) -> str:
 
 def _quote_etag(etag: str) -> str:
     return etag if etag.startswith(('"', "W/")) else f'"{etag}"'
+
+
+def _if_match(etag: str, form: EtagForm) -> str:
+    if form == "as_received":
+        return etag
+    if form == "quoted":
+        return _quote_etag(etag)
+    raise ValueError(f"etag_form {form!r} is not one of {ETAG_FORMS}")
 
 
 def _retry_after(response: httpx.Response, *, default: float) -> float:
@@ -1073,7 +1120,39 @@ def _api_error(response: httpx.Response, method: str, path: str, *,
     return cls(status, code, description, method=method, path=path, data=data, error_name=error_name)
 
 
-def _next_page(body: Mapping[str, Any], page: PageRequest) -> PageRequest | None:
+def _v1_lower(path: str) -> str:
+    """``/V1/…`` → ``/v1/…``: Partner Center matches paths case-insensitively; our checks and cursors use /v1."""
+    return "/v1" + path[3:] if path[:4].lower() == "/v1/" else path
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int | None] | None:
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
+def _path_on_endpoint(parts: SplitResult, endpoint: str) -> str | None:
+    """The path of an absolute URI on ``endpoint`` (same scheme, host and port) with the endpoint's own path
+    prefix taken off, or None when it is elsewhere."""
+    base = urlsplit(endpoint)
+    origin = _origin(parts)
+    if origin is None or origin != _origin(base) or not origin[1]:
+        return None
+    prefix = base.path.rstrip("/")
+    if not prefix:
+        return parts.path or "/"
+    if parts.path.lower() == prefix.lower() or parts.path.lower().startswith(prefix.lower() + "/"):
+        return parts.path[len(prefix):] or "/"
+    return None
+
+
+def _next_page(body: Mapping[str, Any], page: PageRequest, *, endpoint: str = "") -> PageRequest | None:
     links = get_ci(body, "links")
     nxt = get_ci(links, "next") if isinstance(links, Mapping) else None
     if isinstance(nxt, Mapping):
@@ -1088,11 +1167,17 @@ def _next_page(body: Mapping[str, Any], page: PageRequest) -> PageRequest | None
                     if isinstance(key, str) and isinstance(value, str) and key.lower() == "ms-continuationtoken":
                         headers.append(("MS-ContinuationToken", value))
             parts = urlsplit(uri.strip())
+            path: str | None = parts.path
             if parts.scheme or parts.netloc:
+                # The SDK calls links.next.uri "exactly as given": an absolute one on our own endpoint is followed
+                # (without the endpoint's path prefix, which the client adds back); another host never is.
+                path = _path_on_endpoint(parts, endpoint)
+            if path is None:
                 raise MalformedResponseError("links.next points at another host; refusing to follow",
                                              method="GET", path=page.path)
-            path = parts.path if parts.path.lower().startswith("/v1/") else "/v1" + (
-                parts.path if parts.path.startswith("/") else "/" + parts.path)
+            path = _v1_lower(path if path.startswith("/") else "/" + path)
+            if not path.startswith("/v1/"):
+                path = "/v1" + path  # documented links are relative to /v1 (/customers?size=…)
             return PageRequest(path, tuple(parse_qsl(parts.query, keep_blank_values=True)), tuple(headers))
     token = get_ci(body, "continuationToken")
     if isinstance(token, str) and token.strip():

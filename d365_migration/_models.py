@@ -17,6 +17,7 @@ from ._exceptions import MalformedResponseError, PurchaseRejectedError
 
 __all__ = [
     "FAR_FUTURE_YEAR",
+    "SEGMENT_FOR_AUDIENCE",
     "Availability",
     "AvailabilityTerm",
     "Cart",
@@ -40,6 +41,7 @@ __all__ = [
     "parse_datetime",
     "product_key",
     "same_id",
+    "segment_for_audience",
 ]
 
 
@@ -100,7 +102,10 @@ def _opt_bool(obj: Mapping[str, Any], key: str) -> bool | None:
 
 
 def parse_datetime(value: Any) -> datetime | None:
-    """ISO 8601 (``Z`` or offset, with or without fractions) → aware UTC datetime; anything else → None."""
+    """ISO 8601 (``Z`` or offset, with or without fractions) → aware UTC datetime; anything else → None. Never
+    raises: a date that does not fit in UTC (``9999-12-31T23:59:59-08:00`` is after ``datetime.max`` once moved to
+    UTC) is the documented far-future placeholder (:data:`FAR_FUTURE_YEAR`, subscription-resources) at the top end,
+    and unknown (None) at the bottom (``0001-01-01T00:00:00+01:00``, .NET's unset date)."""
     if not isinstance(value, str) or not value.strip():
         return None
     text = value.strip()
@@ -119,7 +124,10 @@ def parse_datetime(value: Any) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        return _FAR_FUTURE if parsed.year >= FAR_FUTURE_YEAR else None
 
 
 def same_id(a: str | None, b: str | None) -> bool:
@@ -136,6 +144,7 @@ def product_key(offer_or_catalog_item_id: str) -> str:
 #: ``commitmentEndDate`` in this year or later is "a date far, far away in the future" (subscription-resources), not
 #: a real end date; take the end from provisioning status ``endDate`` instead, or list it as "end date unknown".
 FAR_FUTURE_YEAR = 9999
+_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
 
 def _nested(obj: Mapping[str, Any], *keys: str) -> Any:
@@ -152,17 +161,24 @@ class Customer:
     id: str
     company_name: str | None = None
     domain: str | None = None
-    country: str | None = None  # billingProfile.defaultAddress.country (ISO 3166 alpha-2), when the answer has it
+    # ISO 3166 alpha-2, when the answer has it: billingProfile.defaultAddress.country, else
+    # companyProfile.address.country (both in get-a-customer-by-id's example; the company address is left out
+    # without DAP/GDAP access, the billing profile may be left out too).
+    country: str | None = None
 
     @classmethod
     def parse(cls, data: Any) -> Customer:
         obj = _obj(data, "Customer")
         profile = get_ci(obj, "companyProfile")
         profile = profile if isinstance(profile, Mapping) else {}
-        country = _nested(obj, "billingProfile", "defaultAddress", "country")
         return cls(id=_req_str(obj, "id", "Customer"), company_name=_opt_str(profile, "companyName"),
                    domain=_opt_str(profile, "domain"),
-                   country=str(country).strip().upper() if isinstance(country, str) and country.strip() else None)
+                   country=_country_code(_nested(obj, "billingProfile", "defaultAddress", "country"))
+                   or _country_code(_nested(profile, "address", "country")))
+
+
+def _country_code(value: Any) -> str | None:
+    return value.strip().upper() if isinstance(value, str) and value.strip() else None
 
 
 @dataclass(frozen=True)
@@ -313,6 +329,9 @@ class CheckoutResult:
     @classmethod
     def parse(cls, data: Any) -> CheckoutResult:
         obj = _obj(data, "CartCheckoutResult")
+        if _is_bare_order(obj):
+            # checkout-a-cart's new-commerce example answers the Order itself, not a CartCheckoutResult.
+            return cls(orders=(Order.parse(obj),), order_errors=())
         orders = get_ci(obj, "orders") or []
         errors = get_ci(obj, "orderErrors") or []
         return cls(
@@ -332,6 +351,18 @@ class CheckoutResult:
         first = self.order_errors[0]
         text = "; ".join(f"order group {e.order_group_id}: {e.code}: {e.description}" for e in self.order_errors)
         return PurchaseRejectedError(201, first.code, text, stage="order_errors", method="POST", path="checkout")
+
+
+def _is_bare_order(obj: Mapping[str, Any]) -> bool:
+    """An Order where a CartCheckoutResult was expected: no ``orders``/``orderErrors``, and ``objectType`` Order
+    or the Order's own ``id`` and ``lineItems``."""
+    if get_ci(obj, "orders") is not None or get_ci(obj, "orderErrors") is not None:
+        return False
+    attributes = get_ci(obj, "attributes")
+    kind = get_ci(attributes, "objectType") if isinstance(attributes, Mapping) else None
+    if isinstance(kind, str):
+        return kind.strip().lower() == "order"
+    return get_ci(obj, "id") is not None and isinstance(get_ci(obj, "lineItems"), list)
 
 
 @dataclass(frozen=True)
@@ -357,6 +388,23 @@ class AvailabilityTerm:
     description: str | None
 
 
+#: The availability ``segment`` each audience of the retired-offer catalog buys (product-resources: "Commercial,
+#: Education, Government, NonProfit"; create-a-cart: "Ensure availability of the catalog item is for the correct
+#: segment"). Faculty and students buy education availabilities; nothing here buys nonprofit.
+SEGMENT_FOR_AUDIENCE: Mapping[str, str] = {"commercial": "commercial", "faculty": "education",
+                                           "students": "education", "government": "government"}
+
+
+def segment_for_audience(audience: str | None) -> str:
+    """The ``targetSegment`` for a record's audience; none recorded → commercial (the catalog's default audience).
+
+    :raises ValueError: an audience the catalog does not know (it validates them when it loads)."""
+    key = (audience or "commercial").strip().lower()
+    if key not in SEGMENT_FOR_AUDIENCE:
+        raise ValueError(f"audience {audience!r} has no availability segment (known: {sorted(SEGMENT_FOR_AUDIENCE)})")
+    return SEGMENT_FOR_AUDIENCE[key]
+
+
 @dataclass(frozen=True)
 class Availability:
     """A purchasable form of a product SKU (product-resources). ``catalog_item_id`` is what a cart buys; it "can
@@ -370,6 +418,13 @@ class Availability:
     segment: str | None
     country: str | None
     terms: tuple[AvailabilityTerm, ...]
+
+    def in_segment(self, segment: str | None) -> bool:
+        """Is this availability for ``segment`` (case-insensitive: the docs spell it ``Commercial`` and
+        ``commercial``)? One that does not say its segment is taken at the word of the ``targetSegment`` filter."""
+        if not segment or not self.segment:
+            return True
+        return self.segment.strip().lower() == segment.strip().lower()
 
     def offers(self, term_duration: str, billing_cycle: str) -> bool:
         """Can this availability be bought for ``term_duration`` billed ``billing_cycle``? A term without a
@@ -491,6 +546,9 @@ class SubscribedSku:
     active_units: int
     consumed_units: int
     total_units: int
+    # get-a-list-of-available-licenses' example also carries these (units in a grace period / suspended)
+    warning_units: int = 0
+    suspended_units: int = 0
 
     @classmethod
     def parse(cls, data: Any) -> SubscribedSku:
@@ -501,18 +559,31 @@ class SubscribedSku:
             active_units=_opt_int(obj, "activeUnits"),
             consumed_units=_opt_int(obj, "consumedUnits"),
             total_units=_opt_int(obj, "totalUnits"),
+            warning_units=_opt_int(obj, "warningUnits"),
+            suspended_units=_opt_int(obj, "suspendedUnits"),
         )
 
 
-def collection_items(body: Any, what: str, path: str) -> list[Any]:
+def collection_items(body: Any, what: str, path: str, *, bare_key: str | None = None,
+                     item_keys: tuple[str, ...] = ()) -> list[Any]:
     """The ``items`` of a Partner Center collection answer (none → ``[]``).
+
+    ``item_keys``: other names the list is documented under (get-transitions' example: ``transition``).
+    ``bare_key``: a field only the resource itself has (an Availability's ``catalogItemId``); an answer carrying it
+    and no ``items`` is that one resource, not a collection — some Learn examples answer a bare object
+    (get-a-list-of-availabilities-for-a-sku, new commerce).
 
     :raises MalformedResponseError: the answer is not an object, or ``items`` is not a list.
     """
     if not isinstance(body, Mapping):
         raise MalformedResponseError(f"{what} response is not a JSON object", method="GET", path=path)
     items = get_ci(body, "items")
+    for key in item_keys:
+        if items is None:
+            items = get_ci(body, key)
     if items is None:
+        if bare_key is not None and get_ci(body, bare_key) is not None:
+            return [body]
         return []
     if not isinstance(items, list):
         raise MalformedResponseError(f"{what} 'items' is not a list", method="GET", path=path)

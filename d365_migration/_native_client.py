@@ -13,6 +13,7 @@ subscriptions"), ``get-transitions``, ``transition-resources`` (Transition, Tran
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,16 +95,29 @@ class TransitionOption:
         return out
 
 
+def _text(raw: Mapping[str, Any], key: str) -> str:
+    """A string field, stripped: Learn's examples carry ``"status": "Started "`` (get-transitions)."""
+    value = get_ci(raw, key)
+    return "" if value is None else str(value).strip()
+
+
 @dataclass(frozen=True)
 class TransitionEvent:
     name: str
-    status: str
+    status: str  # stripped; Started | InProgress | Completed | Failed | anything new
     errors: tuple[NativeError, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> TransitionEvent:
+        return cls(_text(raw, "name"), _text(raw, "status"), _errors(get_ci(raw, "errors")))
 
 
 @dataclass(frozen=True)
 class Transition:
-    """A transition as Partner Center reports it (POST answer or history item)."""
+    """A transition as Partner Center reports it (POST answer or history item).
+
+    ``to_subscription_id`` is ``""`` while it is not known: transition-resources says it "is only populated if the
+    subscription changes", so a POST answer may not carry it yet (:attr:`target_known`); read the history later."""
 
     id: str
     from_subscription_id: str
@@ -120,17 +134,32 @@ class Transition:
             raise MalformedResponseError("transition is not a JSON object", method="GET", path="transitions")
         events = get_ci(raw, "events")
         return cls(
-            id=str(get_ci(raw, "id") or ""),
-            from_subscription_id=str(get_ci(raw, "fromSubscriptionId") or ""),
-            to_subscription_id=str(get_ci(raw, "toSubscriptionId") or ""),
-            to_catalog_item_id=str(get_ci(raw, "toCatalogItemId") or ""),
-            transition_type=str(get_ci(raw, "transitionType") or ""),
-            status=str(get_ci(raw, "status") or ""),
-            events=tuple(TransitionEvent(str(get_ci(e, "name") or ""), str(get_ci(e, "status") or ""),
-                                         _errors(get_ci(e, "errors")))
-                         for e in (events if isinstance(events, list) else []) if isinstance(e, Mapping)),
+            # get-transitions' example names it operationId
+            id=_text(raw, "id") or _text(raw, "operationId"),
+            from_subscription_id=_text(raw, "fromSubscriptionId"),
+            to_subscription_id=_text(raw, "toSubscriptionId"),
+            to_catalog_item_id=_text(raw, "toCatalogItemId"),
+            transition_type=_text(raw, "transitionType"),
+            status=_text(raw, "status"),
+            events=tuple(TransitionEvent.parse(e) for e in (events if isinstance(events, list) else [])
+                         if isinstance(e, Mapping)),
             raw=raw,
         )
+
+    @property
+    def target_known(self) -> bool:
+        """Does the answer name the subscription the move goes to?"""
+        return bool(self.to_subscription_id)
+
+    def _latest_events(self) -> list[TransitionEvent]:
+        """Each event's latest status: get-transitions' example lists the events as a log — ``Conversion``
+        ``Started `` and later ``Conversion`` ``Completed`` — so a later entry of the same name replaces an earlier
+        one (entries come in time order)."""
+        latest: dict[str, TransitionEvent] = {}
+        for event in self.events:
+            latest.pop(event.name.lower(), None)
+            latest[event.name.lower()] = event
+        return list(latest.values())
 
     @property
     def failed(self) -> bool:
@@ -138,9 +167,9 @@ class Transition:
 
     @property
     def completed(self) -> bool:
-        """Every event completed (a transition without events counts by its status)."""
+        """Every event's latest status is completed (a transition without events counts by its status)."""
         if self.events:
-            return all(e.status.lower() == "completed" for e in self.events)
+            return all(e.status.lower() == "completed" for e in self._latest_events())
         return self.status.lower() in ("complete", "completed")
 
 
@@ -246,9 +275,20 @@ class _TransitionOps:
         return Transition.parse(answer)
 
     async def list_transitions(self, customer_id: str, subscription_id: str) -> list[Transition]:
-        """``GET …/transitions``: the subscription's transition history with its events."""
+        """``GET …/transitions``: the subscription's transition history with its events.
+
+        get-transitions' example lists them under ``transition`` (not ``items``) and leaves ``fromSubscriptionId``
+        out: it is the history of ``subscription_id``, so a transition that names no source (and does not go to
+        ``subscription_id``) is taken as one from it."""
         path = self._sub_path(customer_id, subscription_id) + "/transitions"
-        return [Transition.parse(i) for i in collection_items(await self.request("GET", path), "transitions", path)]
+        body = await self.request("GET", path)
+        out = []
+        for item in collection_items(body, "transitions", path, item_keys=("transition", "transitions")):
+            t = Transition.parse(item)
+            if not t.from_subscription_id and t.to_subscription_id.lower() != subscription_id.strip().lower():
+                t = dataclasses.replace(t, from_subscription_id=subscription_id.strip())
+            out.append(t)
+        return out
 
     async def get_upgrade_options(self, customer_id: str, subscription_id: str) -> list[UpgradeOption]:
         """``GET …/upgrades`` (traditional subscriptions)."""

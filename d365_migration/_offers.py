@@ -26,7 +26,7 @@ from typing import Any
 
 from ._catalog import RetiredOfferCatalog, normalize_offer_name
 from ._client import PartnerCenterClient
-from ._models import get_ci
+from ._models import SEGMENT_FOR_AUDIENCE, get_ci
 
 __all__ = [
     "PRICES_NOT_AVAILABLE",
@@ -41,8 +41,6 @@ __all__ = [
 
 logger = logging.getLogger("d365_migration.offers")
 
-SEGMENT_FOR_AUDIENCE = {"commercial": "commercial", "faculty": "education", "students": "education",
-                        "government": "government"}
 PRICES_NOT_AVAILABLE = ("not available: Partner Center's catalog (products, SKUs, availabilities) carries no prices. "
                         "See Partner Center > Pricing and offers, or the price sheet API (get-a-price-sheet, "
                         "PricesheetView=updatedlicensebased; App+User, Admin or Sales agent)")

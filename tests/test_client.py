@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -27,8 +28,18 @@ from d365_migration import (
     TransportError,
     UncertainWriteError,
 )
-from d365_migration._client import map_error
-from d365_migration._models import Subscription
+from d365_migration._client import PageRequest, map_error
+from d365_migration._exceptions import NoAvailabilityError, RetryAfterTooLongError
+from d365_migration._models import (
+    FAR_FUTURE_YEAR,
+    CheckoutResult,
+    Customer,
+    SubscribedSku,
+    Subscription,
+    parse_datetime,
+    segment_for_audience,
+)
+from d365_migration._native_client import Transition
 
 CUST = "3f9b2d10-6c2e-4b8f-a1d4-7e5c9a0b2f61"
 SUB = "5f3c1a9e-2b7d-4c1e-9a55-0d2f6e8b1c43"
@@ -421,3 +432,250 @@ async def test_retry_log_lines_carry_the_migrations_correlation_id(caplog: pytes
     lines = [r.getMessage() for r in caplog.records if r.name == "d365_migration.client"]
     assert len(lines) >= 2
     assert all(line.startswith("[0d6f3c52-4b1e-5d7a-9c3e-2f1a0b9c8d7e] ") for line in lines)
+
+
+# ---------------------------------------------------------------------- shapes Learn's examples show (audit 2026)
+
+
+def _two_pages(next_uri: str) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("MS-ContinuationToken") == "T1":
+            return httpx.Response(200, json=_page(["c"]))
+        return httpx.Response(200, json=_page(["a", "b"], links={"next": {
+            "uri": next_uri, "method": "GET", "headers": [{"key": "MS-ContinuationToken", "value": "T1"}]}}))
+    return handler
+
+
+@pytest.mark.parametrize("next_uri", ["https://pc.test/v1/customers?size=2&seekOperation=Next",
+                                      "HTTPS://PC.TEST:443/V1/customers?size=2&seekOperation=Next",
+                                      "/V1/customers?size=2&seekOperation=Next"])
+async def test_paging_follows_an_absolute_next_link_on_our_own_endpoint(next_uri: str) -> None:
+    seen: list[httpx.Request] = []
+    handler = _two_pages(next_uri)
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    client, _ = make_client(recording)
+    assert [c.id async for c in client.list_customers(page_size=2)] == ["a", "b", "c"]
+    assert str(seen[1].url) == "https://pc.test/v1/customers?size=2&seekOperation=Next"
+    _, nxt = await client.customer_page(client.first_customer_page(2))
+    assert nxt is not None and nxt.path == "/v1/customers"
+    # the cursor travels in a queue message and loads again
+    assert PageRequest.from_json(json.loads(json.dumps(nxt.to_json()))) == nxt
+
+
+async def test_an_absolute_next_link_keeps_the_endpoint_path_prefix_and_other_hosts_are_refused() -> None:
+    seen: list[httpx.Request] = []
+    handler = _two_pages("https://pc.test/partner/v1/customers?size=2&seekOperation=Next")
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    client = PartnerCenterClient("https://pc.test/partner", FakeToken(), requests_per_minute=None,
+                                 license_requests_per_minute=None, transport=httpx.MockTransport(recording),
+                                 sleep=NoSleep())
+    assert [c.id async for c in client.list_customers(page_size=2)] == ["a", "b", "c"]
+    assert seen[1].url.path == "/partner/v1/customers"
+    for foreign in ("http://pc.test/v1/customers", "https://pc.test:8443/v1/customers",
+                    "https://pc.test.evil.example/v1/customers", "https://pc.test/other/v1/customers"):
+        client = PartnerCenterClient("https://pc.test/partner", FakeToken(), requests_per_minute=None,
+                                     license_requests_per_minute=None,
+                                     transport=httpx.MockTransport(_two_pages(foreign)), sleep=NoSleep())
+        with pytest.raises(MalformedResponseError, match="another host"):
+            _ = [c async for c in client.list_customers()]
+
+
+def test_a_saved_cursor_with_an_upper_case_v1_loads() -> None:
+    page = PageRequest.from_json({"path": "/V1/customers", "params": [["size", "500"]],
+                                  "headers": [["MS-ContinuationToken", "T"]]})
+    assert page.path == "/v1/customers" and page.is_continuation
+    with pytest.raises(ValueError):
+        PageRequest.from_json({"path": "/V1/products", "params": [], "headers": []})
+
+
+async def test_a_5xx_with_retry_after_waits_at_least_that_long() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            return httpx.Response(503, headers={"Retry-After": "40"},
+                                  json={"code": 800003, "description": "Try again later"})
+        return httpx.Response(200, json=sub_json())
+
+    client, sleep = make_client(handler, backoff_base=0.01, backoff_max=1.0)
+    await client.get_subscription(CUST, SUB)
+    assert calls == 3 and sleep.slept == [40.0, 40.0]
+    # above what the client sleeps in one call: look again later, as before
+    client, sleep = make_client(lambda r: httpx.Response(503, headers={"Retry-After": "900"}, json={}))
+    with pytest.raises(RetryAfterTooLongError):
+        await client.get_subscription(CUST, SUB)
+    assert sleep.slept == []
+
+
+async def test_carts_and_orders_carry_the_partner_on_record_attestation() -> None:
+    bodies: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if request.url.path.endswith("/carts"):
+            return httpx.Response(201, json={"id": "cart-1", "status": "Active", "lineItems": []})
+        return httpx.Response(201, json={"id": "order-1", "status": "pending", "lineItems": []})
+
+    client, _ = make_client(handler)
+    await client.create_cart(CUST, "P:S:A", 2, billing_cycle="monthly", term_duration="P1Y", friendly_name="x",
+                             request_id="33333333-3333-3333-3333-333333333333")
+    await client.create_order(CUST, "7b9c4f6e-1a2b-4c3d-9e8f-0a1b2c3d4e5f", 2, friendly_name="x",
+                              billing_cycle="annual", request_id="44444444-4444-4444-4444-444444444444")
+    assert [b.get("PartnerOnRecordAttestationAccepted") for b in bodies] == [True, True]
+
+
+@pytest.mark.parametrize(("form", "sent"), [("quoted", '"abc"'), ("as_received", "abc")])
+async def test_the_etag_can_be_sent_quoted_or_exactly_as_received(form: str, sent: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=sub_json(status="suspended"))
+
+    client, _ = make_client(handler)
+    await client.update_subscription(CUST, Subscription.parse(sub_json()), status="suspended",
+                                     request_id="55555555-5555-5555-5555-555555555555",
+                                     etag_form=form)  # type: ignore[arg-type]
+    assert seen[0].headers["If-Match"] == sent
+
+
+_AVAILABILITY = {"productId": "CFQ7TTC0LH18", "skuId": "0001", "country": "US", "isPurchasable": True,
+                 "terms": [{"duration": "P1Y", "billingCycle": "Annual"}]}
+
+
+def _availability(aid: str, segment: str) -> dict[str, object]:
+    return {**_AVAILABILITY, "id": aid, "catalogItemId": f"CFQ7TTC0LH18:0001:{aid}", "segment": segment}
+
+
+async def test_the_availability_of_the_wanted_segment_is_bought_even_if_the_filter_is_ignored() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)  # a service that ignores targetSegment and lists education first
+        return httpx.Response(200, json={"items": [_availability("EDU1", "Education"),
+                                                   _availability("COM1", "Commercial")]})
+
+    client, _ = make_client(handler)
+    found = await client.resolve_availability("CFQ7TTC0LH18", "0001", country="us", term_duration="P1Y",
+                                              billing_cycle="annual", segment="commercial")
+    assert found.catalog_item_id.endswith(":COM1")
+    assert seen[0].url.params["targetSegment"] == "commercial"
+    found = await client.resolve_availability("CFQ7TTC0LH18", "0001", country="us", term_duration="P1Y",
+                                              billing_cycle="annual", segment="education")
+    assert found.catalog_item_id.endswith(":EDU1")
+    with pytest.raises(NoAvailabilityError, match="segment government"):
+        await client.resolve_availability("CFQ7TTC0LH18", "0001", country="us", term_duration="P1Y",
+                                          billing_cycle="annual", segment="government")
+
+
+def test_each_audience_buys_its_segment() -> None:
+    assert [segment_for_audience(a) for a in ("commercial", "faculty", "students", "government", None)] == [
+        "commercial", "education", "education", "government", "commercial"]
+    with pytest.raises(ValueError):
+        segment_for_audience("nonprofit")
+
+
+async def test_a_bare_availability_and_a_bare_checkout_order_are_accepted() -> None:
+    order = {"id": "a68736758d9c", "status": "pending", "creationDate": "2023-04-18T22:03:45.4505136Z",
+             "lineItems": [{"lineItemNumber": 0, "offerId": "CFQ7TTC0LF8S:0001:CFQ7TTC0N81H", "quantity": 1}],
+             "attributes": {"objectType": "Order"}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/checkout"):
+            return httpx.Response(201, json=order)  # checkout-a-cart's new-commerce example
+        return httpx.Response(200, json=_availability("K971", "commercial"))  # the availabilities example
+
+    client, _ = make_client(handler)
+    found = await client.resolve_availability("CFQ7TTC0LH18", "0001", country="US", term_duration="P1Y",
+                                              billing_cycle="annual", segment="commercial")
+    assert found.catalog_item_id == "CFQ7TTC0LH18:0001:K971"
+    docs = await client.list_availability_documents("CFQ7TTC0LH18", "0001", "US")
+    assert [d["id"] for d in docs] == ["K971"]
+    result = await client.checkout_cart(CUST, "cart-1", request_id="66666666-6666-6666-6666-666666666666")
+    assert [o.id for o in result.orders] == ["a68736758d9c"] and result.rejection() is None
+    assert result.orders[0].line_items[0].offer_id == "CFQ7TTC0LF8S:0001:CFQ7TTC0N81H"
+    # a real CartCheckoutResult is still read as one, with or without its objectType
+    assert CheckoutResult.parse({"orders": [order], "orderErrors": []}).orders[0].id == "a68736758d9c"
+    assert CheckoutResult.parse({"orderErrors": [{"code": 1, "description": "no"}]}).rejection() is not None
+
+
+def test_the_country_falls_back_to_the_company_profile_address() -> None:
+    company_only = {"id": CUST, "companyProfile": {"companyName": "C", "address": {"country": "gb"}},
+                    "billingProfile": {"attributes": {"objectType": "CustomerBillingProfile"}}}
+    assert Customer.parse(company_only).country == "GB"
+    both = {**company_only, "billingProfile": {"defaultAddress": {"country": "US"}}}
+    assert Customer.parse(both).country == "US"
+    assert Customer.parse({"id": CUST}).country is None
+
+
+def test_a_date_past_the_end_of_utc_is_the_far_future_placeholder() -> None:
+    end = parse_datetime("9999-12-31T23:59:59-08:00")
+    assert end is not None and end.year == FAR_FUTURE_YEAR and end.tzinfo is not None
+    assert parse_datetime("0001-01-01T00:00:00+01:00") is None
+    sub = Subscription.parse(sub_json(commitmentEndDate="9999-12-31T23:59:59.9999999-08:00"))
+    assert sub.commitment_end is not None and not sub.end_date_known
+
+
+@given(st.datetimes() | st.datetimes(min_value=datetime(9999, 12, 31)) | st.datetimes(max_value=datetime(1, 1, 1, 23)),
+       st.integers(min_value=-23 * 60, max_value=23 * 60), st.sampled_from(["", ".1", ".1234567"]))
+def test_parse_datetime_never_raises_and_keeps_every_representable_instant(value: datetime, offset_minutes: int,
+                                                                          fraction: str) -> None:
+    sign = "+" if offset_minutes >= 0 else "-"
+    text = (value.replace(tzinfo=None, microsecond=0).isoformat() + fraction
+            + f"{sign}{abs(offset_minutes) // 60:02d}:{abs(offset_minutes) % 60:02d}")
+    parsed = parse_datetime(text)
+    assert parsed is None or parsed.utcoffset() == timedelta(0)
+    try:
+        exact = datetime.fromisoformat(text[:19] + text[len(text) - 6:]).astimezone(UTC)
+    except OverflowError:
+        assert parsed is None or parsed.year == FAR_FUTURE_YEAR
+    else:
+        assert parsed is not None and parsed.replace(microsecond=0) == exact
+
+
+@given(st.text(max_size=40))
+def test_parse_datetime_never_raises_on_any_text(text: str) -> None:
+    parse_datetime(text)
+    parse_datetime(text + "-08:00")
+
+
+def test_a_transition_reads_learns_example_spellings() -> None:
+    post_answer = {"fromSubscriptionId": SUB, "toCatalogItemId": "P:S:A", "quantity": 2,
+                   "transitionType": "transition_only",
+                   "Events": [{"name": "Conversion", "status": "Started ", "timestamp": "2021-01-08T18:01:14Z"}]}
+    t = Transition.parse(post_answer)
+    assert not t.target_known and t.events[0].status == "Started" and not t.completed and not t.failed
+    history = Transition.parse({"operationId": "op-1", "toSubscriptionId": "new-1", "Events": [
+        {"name": "Conversion", "status": "Started "}, {"name": "Conversion", "status": "Completed"},
+        {"name": "SeatReassignment", "status": "Started "}, {"name": "SeatReassignment", "status": " completed "}]})
+    assert history.id == "op-1" and history.target_known and history.completed and not history.failed
+    failed = Transition.parse({"id": "x", "events": [{"name": "Conversion", "status": "Failed "}]})
+    assert failed.failed and not failed.completed
+
+
+async def test_the_transition_history_under_its_example_key_names_its_source() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"transition": [
+            {"operationId": "op-1", "toSubscriptionId": "new-1", "toCatalogItemId": "P:S:A",
+             "Events": [{"name": "Conversion", "status": "Completed"}]}],
+            "attributes": {"objectType": "Collection"}})
+
+    client, _ = make_client(handler)
+    (t,) = await client.list_transitions(CUST, SUB)
+    assert t.id == "op-1" and t.from_subscription_id == SUB and t.to_subscription_id == "new-1" and t.completed
+
+
+def test_subscribed_skus_keep_warning_and_suspended_units() -> None:
+    sku = SubscribedSku.parse({"availableUnits": 4, "activeUnits": 5, "consumedUnits": 1, "suspendedUnits": 2,
+                               "totalUnits": 5, "warningUnits": 3, "productSku": {"id": "efccb6f7", "name": "EMS"}})
+    assert (sku.active_units, sku.warning_units, sku.suspended_units, sku.total_units) == (5, 3, 2, 5)

@@ -21,6 +21,7 @@ from d365_migration import (
     NoAvailabilityError,
     PartnerCenterApiError,
     PartnerCenterClient,
+    PreconditionFailedError,
     ProvisioningNotReadyError,
     PurchaseRejectedError,
     ReplacementOffers,
@@ -33,6 +34,7 @@ from d365_migration import (
     UpdateAccepted,
     UpdatePendingError,
 )
+from d365_migration._client import PageRequest
 from d365_migration._exceptions import ConfigurationError
 from d365_migration._models import CheckoutResult
 from d365_tooling.sandbox import (
@@ -489,3 +491,106 @@ def test_the_demo_and_pending_behaviour_lists_name_real_switches() -> None:
     assert not SandboxConfig().nce_product_friendly_names and not SandboxConfig().availabilities_rotated
     with pytest.raises(TypeError):
         SandboxConfig.realistic(no_such_switch=True)
+
+
+# ----------------------------------------------------------------------------------------------- Learn's example shapes
+@pytest.mark.parametrize(("absolute", "prefix"), [(True, ""), (True, "/V1"), (False, "/V1"), (False, "/v1")])
+async def test_next_links_absolute_or_with_a_v1_prefix_are_followed(sandbox_factory: Any, absolute: bool,
+                                                                    prefix: str) -> None:
+    srv = sandbox_factory(customers=7, absolute_next_links=absolute, next_link_v1_prefix=prefix)
+    cid = first_expected(srv).customer_id
+    async with client_for(srv) as client:
+        ids = [c.id async for c in client.list_customers(page_size=3)]
+        users = [u.id async for u in client.list_users(cid, page_size=2)]
+        _, nxt = await client.customer_page(client.first_customer_page(3))
+    assert sorted(ids) == sorted(srv.state.customer_ids())
+    assert sorted(users) == sorted(u["id"] for u in srv.state.users(cid))
+    assert nxt is not None and PageRequest.from_json(nxt.to_json()) == nxt  # a queued scan cursor loads
+
+
+async def test_the_country_is_read_from_the_company_profile_when_the_billing_profile_has_none(
+        sandbox_factory: Any) -> None:
+    srv = sandbox_factory(country_only_in_company_profile=True)
+    cid = first_expected(srv).customer_id
+    async with client_for(srv) as client:
+        assert (await client.get_customer(cid)).country == "US"
+        countries = {c.country async for c in client.list_customers()}
+    assert countries == {"US"}  # every seeded customer is in the US
+
+
+async def test_a_bare_availability_and_a_checkout_answering_the_bare_order_buy_once(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(availabilities_bare_object=True, checkout_answers_bare_order=True)
+    cid = first_expected(srv).customer_id
+    async with client_for(srv) as client:
+        current = await client.resolve_availability(PRODUCT, SKU, country="US", term_duration="P1Y",
+                                                    billing_cycle="monthly", segment="commercial")
+        cart = await client.create_cart(cid, current.catalog_item_id, 2, billing_cycle="monthly",
+                                        term_duration="P1Y", friendly_name="x",
+                                        request_id=RequestAttempt.first("cart", cid))
+        result = await client.checkout_cart(cid, cart.id, request_id=RequestAttempt.first("checkout", cart.id))
+        again = await client.checkout_cart(cid, cart.id, request_id=RequestAttempt.first("checkout", cart.id).next())
+    (purchase,) = srv.state.purchases()
+    assert result.rejection() is None and [o.id for o in result.orders] == [purchase["order_id"]]
+    assert [o.id for o in again.orders] == [purchase["order_id"]]  # the replayed result, bare as well
+
+
+async def test_carts_and_orders_pass_a_service_that_requires_the_partner_attestation(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(require_partner_attestation=True)
+    cid = first_expected(srv).customer_id
+    async with client_for(srv) as client:
+        cart = await client.create_cart(cid, NCE_SALES, 1, billing_cycle="monthly", term_duration="P1Y",
+                                        friendly_name="x", request_id=RequestAttempt.first("cart", cid))
+        assert (await client.checkout_cart(cid, cart.id, request_id=RequestAttempt.first("checkout", cart.id))
+                ).rejection() is None
+        await client.create_order(cid, LEGACY_REPLACEMENT_OFFERS["sales"]["commercial"], 1, friendly_name="x",
+                                  billing_cycle="annual", request_id=RequestAttempt.first("order", cid))
+    assert [p["via"] for p in srv.state.purchases()] == ["cart", "order"]
+
+
+async def test_availabilities_of_every_segment_are_listed_and_the_wanted_one_is_chosen(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(availabilities_in_all_segments=True)
+    async with client_for(srv) as client:
+        everything = await client.list_availabilities(PRODUCT, SKU, country="US")
+        chosen = {segment: await client.resolve_availability(PRODUCT, SKU, country="US", term_duration="P1Y",
+                                                             billing_cycle="monthly", segment=segment)
+                  for segment in ("commercial", "education", "government")}
+        gb = await client.list_availabilities(PRODUCT, SKU, country="GB")
+    assert [a.segment for a in everything] == ["education", "commercial", "government"]  # no nonprofit unasked
+    assert {s: a.segment for s, a in chosen.items()} == {s: s for s in chosen}
+    assert chosen["commercial"].catalog_item_id == NCE_SALES
+    assert len({a.catalog_item_id for a in chosen.values()}) == 3
+    assert [a.segment for a in gb] == ["education", "commercial"]  # government only in the US
+    requests = [r for r in srv.state.requests() if r["path"].endswith("/availabilities")]
+    assert "targetSegment=commercial" in requests[1]["query"]
+
+
+async def test_a_5xx_carrying_retry_after_is_waited_for(sandbox_factory: Any) -> None:
+    srv = sandbox_factory()
+    srv.config.faults.error_rate = 1.0
+    srv.config.faults.error_retry_after_s = 3
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    cid = first_expected(srv).customer_id
+    async with client_for(srv, sleep=sleep, max_attempts=3, backoff_base=0.01) as client:
+        with pytest.raises(PartnerCenterApiError) as info:
+            await client.list_subscriptions(cid)
+    assert info.value.status in (500, 503)
+    assert slept == [3.0, 3.0]
+
+
+async def test_an_etag_compared_literally_is_matched_when_sent_as_received(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(etag_literal_match=True)
+    em = first_expected(srv)
+    attempt = RequestAttempt.first("suspend", em.customer_id, em.subscription_id)
+    async with client_for(srv) as client:
+        old = await client.get_subscription(em.customer_id, em.subscription_id)
+        with pytest.raises(PreconditionFailedError):
+            await client.update_subscription(em.customer_id, old, status="suspended", request_id=attempt)
+        again = await client.get_subscription(em.customer_id, em.subscription_id)
+        assert again.etag == old.etag  # nothing changed: the quoted form was what the service refused
+        done = await client.update_subscription(em.customer_id, again, status="suspended",
+                                                request_id=attempt.next(), etag_form="as_received")
+    assert done.status == "suspended" and len(srv.state.patches()) == 1

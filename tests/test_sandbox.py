@@ -728,3 +728,82 @@ async def test_async_context_manager_and_cart_update() -> None:
         ps = (await c.get(f"/v1/customers/{cid}/orders/{oid}/provisioningstatus")).json()
         assert ps["items"][0]["status"] == "fulfilled"
     assert state.purchases()[0]["quantity"] == 3
+
+
+# ----------------------------------------------------------------------------------------------- Learn's example shapes
+def test_learn_example_shapes_switches(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(customers=5, absolute_next_links=True, next_link_v1_prefix="/V1",
+                          country_only_in_company_profile=True, checkout_answers_bare_order=True,
+                          availabilities_bare_object=True, require_partner_attestation=True,
+                          etag_literal_match=True)
+    product, sku, _ = DEMO_REPLACEMENT_OFFERS["sales"]["commercial"].split(":")
+    exp = srv.manifest.expected[0]
+    cid, sid = exp.customer_id, exp.subscription_id
+    with client(srv) as c:
+        page = c.get("/v1/customers?size=2").json()
+        assert page["links"]["next"]["uri"] == f"{srv.url}/V1/customers?size=2&seekOperation=Next"
+        customer = page["items"][0]
+        assert customer["companyProfile"]["address"]["country"] == "US"
+        assert "defaultAddress" not in customer["billingProfile"]
+        availability = c.get(f"/v1/products/{product}/skus/{sku}/availabilities?country=US").json()
+        assert "items" not in availability and availability["catalogItemId"].startswith(f"{product}:{sku}:")
+        line = {"id": 0, "catalogItemId": availability["catalogItemId"], "quantity": 1, "billingCycle": "monthly",
+                "termDuration": "P1Y"}
+        refused = c.post(f"/v1/customers/{cid}/carts", json={"lineItems": [line]}, headers=ids())
+        assert refused.status_code == 400 and refused.json()["code"] == 800002
+        assert "PartnerOnRecordAttestationAccepted" in refused.json()["description"]
+        cart = c.post(f"/v1/customers/{cid}/carts", headers=ids(),
+                      json={"PartnerOnRecordAttestationAccepted": True, "lineItems": [line]}).json()
+        order = c.post(f"/v1/customers/{cid}/carts/{cart['id']}/checkout", headers=ids()).json()
+        assert order["attributes"]["objectType"] == "Order" and "orders" not in order
+        assert _etag_patch(c, cid, sid, {"status": "suspended"}).status_code == 412  # quoted: refused literally
+        assert _etag_patch(c, cid, sid, {"status": "suspended"}, quote=False).status_code == 200
+
+
+def test_availabilities_in_all_segments_honour_target_segment(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(customers=1, availabilities_in_all_segments=True)
+    product, sku, aid = DEMO_REPLACEMENT_OFFERS["sales"]["commercial"].split(":")
+    base = f"/v1/products/{product}/skus/{sku}/availabilities"
+    with client(srv) as c:
+        listed = c.get(f"{base}?country=US").json()["items"]
+        assert [a["segment"] for a in listed] == ["education", "commercial", "government"]
+        assert listed[1]["id"] == aid and len({a["id"] for a in listed}) == 3
+        only = c.get(f"{base}?country=US&targetSegment=nonprofit").json()["items"]
+        assert [a["segment"] for a in only] == ["nonprofit"]
+        assert c.get(f"{base}/{only[0]['id']}?country=US").json()["segment"] == "nonprofit"
+        assert [a["segment"] for a in c.get(f"{base}?country=GB").json()["items"]] == ["education", "commercial"]
+        education = listed[0]["catalogItemId"]
+        cart = c.post(f"/v1/customers/{srv.state.customer_ids()[0]}/carts", headers=ids(), json={"lineItems": [
+            {"id": 0, "catalogItemId": education, "quantity": 1, "billingCycle": "monthly", "termDuration": "P1Y"}]})
+        assert cart.status_code == 201  # the sandbox sells it: choosing the segment is the client's job
+
+
+def test_transition_switches_show_learns_shapes(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(customers=3, transition_answer_without_target=True,
+                          transition_history_as_learn_example=True)
+    exp = srv.manifest.expected[0]
+    cid, sid = exp.customer_id, exp.subscription_id
+    srv.config.native_paths = {cid: "transition_with_license_transfer"}
+    url = f"/v1/customers/{cid}/subscriptions/{sid}"
+    with client(srv) as c:
+        (target,) = c.get(f"{url}/transitionEligibilities?eligibilityType=immediate").json()["items"]
+        answer = c.post(f"{url}/transitions", headers=ids(), json={
+            "toCatalogItemId": target["catalogItemId"], "quantity": target["quantity"],
+            "transitionType": "transition_with_license_transfer"}).json()
+        assert "toSubscriptionId" not in answer and answer["fromSubscriptionId"] == sid
+        history = c.get(f"{url}/transitions").json()
+    assert "items" not in history
+    (item,) = history["transition"]
+    assert item["operationId"] == answer["id"] and "fromSubscriptionId" not in item and item["toSubscriptionId"]
+    assert [(e["name"], e["status"]) for e in item["Events"]] == [
+        ("Conversion", "Started "), ("Conversion", "Completed"),
+        ("SeatReassignment", "Started "), ("SeatReassignment", "Completed")]
+
+
+def test_injected_5xx_carry_retry_after_when_asked(sandbox_factory: Any) -> None:
+    srv = sandbox_factory(customers=1)
+    srv.config.faults.error_rate = 1.0
+    srv.config.faults.error_retry_after_s = 7
+    with client(srv) as c:
+        r = c.get("/v1/customers")
+    assert r.status_code in (500, 503) and r.headers["Retry-After"] == "7"

@@ -190,6 +190,9 @@ async def _send_transition(work: Work) -> None:
     transition = await work.client.create_transition(
         record.customer_id, record.subscription_id, to_catalog_item_id=record.native_target or "",
         quantity=quantity, transition_type=transition_type, request_id=_attempt(work))
+    if not transition.target_known:  # transition-resources: toSubscriptionId may come later; _recover reads it
+        await work.checkpoint(native_attempt=work.record.native_attempt + 1)  # an answer was seen
+        raise RetryLater("transition accepted; its target subscription is not named yet")
     await _started(work, transition.to_subscription_id, f"transition {transition.id}", transition.id)
 
 

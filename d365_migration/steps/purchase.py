@@ -36,7 +36,7 @@ from .._exceptions import (
     TransportError,
 )
 from .._ledger import MigrationRecord
-from .._models import CheckoutResult, Order, Subscription, product_key, same_id
+from .._models import CheckoutResult, Order, Subscription, product_key, same_id, segment_for_audience
 from .._settings import ReplacementTarget
 from . import native
 from ._gate import purchase_allowed
@@ -385,7 +385,7 @@ async def _current_catalog_item(work: Work, offer: str) -> str:
     availability = await work.client.resolve_availability(
         target.product_id, target.sku_id, country=customer.country,
         term_duration=work.settings.replacement_term_duration,
-        billing_cycle=work.settings.replacement_billing_cycle)
+        billing_cycle=work.settings.replacement_billing_cycle, segment=segment_for_audience(work.record.audience))
     return availability.catalog_item_id
 
 

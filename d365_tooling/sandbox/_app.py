@@ -102,10 +102,20 @@ def _paged(
     if nxt is not None:
         tok = state.make_token(kind, nxt)
         out["links"]["next"] = link(
-            f"{base_uri}?size={size}&seekOperation=Next", headers=[{"key": "MS-ContinuationToken", "value": tok}]
+            _next_uri(state.config, request, f"{base_uri}?size={size}&seekOperation=Next"),
+            headers=[{"key": "MS-ContinuationToken", "value": tok}],
         )
         out["continuationToken"] = tok
     return out
+
+
+def _next_uri(config: SandboxConfig, request: Request, relative: str) -> str:
+    """The documented relative next link (``/customers?…``), or as ``absolute_next_links`` /
+    ``next_link_v1_prefix`` spell it (the SDK calls ``links.next.uri`` "exactly as given")."""
+    prefix = config.next_link_v1_prefix or ""
+    if config.absolute_next_links:
+        return f"{request.url.scheme}://{request.url.netloc}{prefix or '/v1'}{relative}"
+    return prefix + relative
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -119,6 +129,16 @@ def _api(fn: Callable[[Request], Awaitable[Response]]) -> Endpoint:
             return _json(err.status, err.body())
 
     return wrapper
+
+
+def _checkout_answer(config: SandboxConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """The CartCheckoutResult, or — ``checkout_answers_bare_order``, as checkout-a-cart's new-commerce example —
+    its one Order by itself."""
+    orders = result.get("orders") or []
+    if config.checkout_answers_bare_order and len(orders) == 1 and not result.get("orderErrors"):
+        order: dict[str, Any] = orders[0]
+        return order
+    return result
 
 
 def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
@@ -184,14 +204,14 @@ def _partner_routes(state: SandboxState, config: SandboxConfig) -> list[Route]:
         cid = p(request, "cid")
         cart_obj, replay = state.begin_checkout(cid, p(request, "cart"))
         if replay is not None:
-            return _json(201, state.replay_checkout(cid, replay))
+            return _json(201, _checkout_answer(config, state.replay_checkout(cid, replay)))
         try:
             if config.checkout_duration_s > 0:
                 await asyncio.sleep(float(config.checkout_duration_s))
         except BaseException:
             cart_obj.processing = False
             raise
-        return _json(201, state.finish_checkout(cid, cart_obj))
+        return _json(201, _checkout_answer(config, state.finish_checkout(cid, cart_obj)))
 
     async def users(request: Request) -> Response:
         cid = p(request, "cid")
@@ -473,10 +493,13 @@ class SandboxApp:
                 await asyncio.sleep(float(faults.timeout_s))
             if faults.error_rate and rng.random() < faults.error_rate:
                 log["fault"] = "error"
+                wait = int(faults.error_retry_after_s or 0)
+                later = [(b"retry-after", str(wait).encode())] if wait > 0 else None
                 if rng.random() < 0.5:
-                    await respond(500, err(500, 800003, "Unexpected service error."))
+                    await respond(500, err(500, 800003, "Unexpected service error."), later)
                 else:
-                    await respond(503, err(503, 800003, "The service is temporarily unavailable. Try again later."))
+                    await respond(503, err(503, 800003, "The service is temporarily unavailable. Try again later."),
+                                  later)
                 return
             # --- MS-RequestId dedupe (undocumented in the real service; opt-in)
             if cfg.dedupe_request_ids and method == "POST" and headers.get("ms-requestid"):

@@ -19,6 +19,9 @@ class FaultConfig:
     reset_rate: float = 0.0  # drop the connection without acting
     timeout_rate: float = 0.0  # sleep `timeout_s` before handling
     timeout_s: float = 30.0
+    # The injected 500/503 answers carry ``Retry-After: <n>`` (seconds; 0 = no header). The client must wait at
+    # least that long before its next try (api-throttling-guidance: wait Retry-After, then retry).
+    error_retry_after_s: int = 0
     rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,38 @@ class SandboxConfig:
     # was (status unchanged) — update-a-subscription-by-id documents 200 with the updated resource, or 202 + Location
     # while it is pending; a client must confirm the change by reading, and must not re-send it without end.
     patch_status_ignored: bool = False
+    # --- shapes Learn's own examples show (what a fake written from the docs may answer)
+    # links.next.uri absolute on the sandbox's own host (the SDK calls it "exactly as given"), and/or with a path
+    # prefix of this spelling ("/v1", "/V1"; "" = the documented relative "/customers?…"). An absolute link always
+    # carries a /v1 prefix (next_link_v1_prefix or "/v1").
+    absolute_next_links: bool = False
+    next_link_v1_prefix: str = ""
+    # A customer's country only in companyProfile.address.country, no billingProfile.defaultAddress
+    # (get-a-customer-by-id's example has both; the billing profile may be left out).
+    country_only_in_company_profile: bool = False
+    # checkout-a-cart's new-commerce example answers the bare Order, not a CartCheckoutResult {orders, orderErrors}.
+    checkout_answers_bare_order: bool = False
+    # get-a-list-of-availabilities-for-a-sku's new-commerce example: a list of one availability answers the bare
+    # Availability, not a collection.
+    availabilities_bare_object: bool = False
+    # create-a-cart / create-an-order: "PartnerOnRecordAttestationAccepted | Boolean | Yes": carts and orders
+    # without it set to true answer 400 800002 (Invalid request input).
+    require_partner_attestation: bool = False
+    # get-a-list-of-availabilities-for-a-sku: without targetSegment "all segments except nonprofit will be
+    # returned"; product-resources: Availability.segment Commercial | Education | Government | NonProfit. Every
+    # new-commerce SKU also has an availability in each other segment (its own catalog item id; education listed
+    # first; government only in the US; nonprofit only when asked for); targetSegment filters them.
+    availabilities_in_all_segments: bool = False
+    # transition-a-new-commerce-subscription / transition-resources: the POST answer carries no toSubscriptionId
+    # ("only populated if the subscription changes"); the history (get-transitions) names it.
+    transition_answer_without_target: bool = False
+    # get-transitions' example: the history is listed under "transition" (no "items"), each with "operationId"
+    # and no fromSubscriptionId, and its events are a log — "Started " (trailing space as printed) and later a
+    # second entry of the same name "Completed" (or "Failed").
+    transition_history_as_learn_example: bool = False
+    # suspend-a-subscription's example sends If-Match: <etag> as the GET returned it; with this on If-Match is
+    # compared literally, so only that form matches (a quoted ETag answers 412 2055, test-and-debug notwithstanding).
+    etag_literal_match: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
@@ -209,7 +244,18 @@ DEMO_BEHAVIOURS: dict[str, Any] = {
     "availabilities_rotated": True,
     "provisioning_status_lag_s": 20.0,
     "subscribed_skus_lag_s": 10.0,
+    # handled by the client since the Learn-shapes audit (findings 5, 7, 8, 18, 19)
+    "absolute_next_links": True,
+    "next_link_v1_prefix": "/V1",
+    "country_only_in_company_profile": True,
+    "checkout_answers_bare_order": True,
+    "availabilities_bare_object": True,
+    "require_partner_attestation": True,
+    "availabilities_in_all_segments": True,
 }
 
-#: Documented, realistic behaviours the current steps do not handle yet: none left (kept for the next ones).
-PENDING_BEHAVIOURS: dict[str, Any] = {}
+#: Documented, realistic behaviours the current steps do not handle yet.
+PENDING_BEHAVIOURS: dict[str, Any] = {
+    # the client can send the ETag as received (etag_form="as_received"); the suspend step does not use it yet
+    "etag_literal_match": True,
+}

@@ -24,15 +24,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._catalog import CATALOG, CatalogItem
-from ._state import ApiError, SandboxState, link
+from ._state import SEGMENT_ORDER, ApiError, SandboxState, link, segment_of
 
 JSON_CT = "application/json; charset=utf-8"
 TARGET_VIEWS = ("Azure", "AzureReservations", "AzureReservationsVM", "AzureReservationsSQL",
                 "AzureReservationsCosmosDb", "MicrosoftAzure", "OnlineServices", "Software", "SoftwareSUSELinux",
                 "SoftwarePerpetual", "SoftwareSubscriptions")
 SEGMENTS = ("commercial", "education", "government", "nonprofit")
-_SEGMENT_OF_AUDIENCE = {"commercial": "commercial", "faculty": "education", "students": "education",
-                        "government": "government", None: "commercial"}
 _CURRENCY = {"US": ("USD", "$"), "GB": ("GBP", "£"), "CA": ("CAD", "$"), "AU": ("AUD", "$"), "JP": ("JPY", "¥")}
 _EURO = {"DE", "FR", "NL", "IT", "ES", "BE", "AT", "IE", "FI", "PT"}
 
@@ -75,7 +73,7 @@ def _nce_items() -> list[tuple[str, str, str, CatalogItem]]:
 
 
 def _segment_of(item: CatalogItem) -> str:
-    return _SEGMENT_OF_AUDIENCE.get(item.audience, "commercial")
+    return segment_of(item)
 
 
 def _sold_in(item: CatalogItem, country: str) -> bool:
@@ -133,7 +131,7 @@ def _terms(item: CatalogItem) -> list[dict[str, Any]]:
 
 
 def _availability_json(product_id: str, sku_id: str, availability_id: str, item: CatalogItem,
-                       country: str) -> dict[str, Any]:
+                       country: str, segment: str | None = None) -> dict[str, Any]:
     code, symbol = _CURRENCY.get(country, ("EUR", "€") if country in _EURO else ("USD", "$"))
     return {
         "id": availability_id,
@@ -141,7 +139,7 @@ def _availability_json(product_id: str, sku_id: str, availability_id: str, item:
         "skuId": sku_id,
         "catalogItemId": f"{product_id}:{sku_id}:{availability_id}",
         "defaultCurrency": {"code": code, "symbol": symbol},
-        "segment": _segment_of(item),
+        "segment": segment or _segment_of(item),
         "country": country,
         "isPurchasable": True,
         "isRenewable": True,
@@ -220,28 +218,36 @@ def product_routes(state: SandboxState) -> list[Route]:
         pid, sid, _, item = _find(p(request, "pid"), p(request, "sku"))[0]
         return _sku_json(pid, sid, item, country)
 
+    def offered(row: tuple[str, str, str, CatalogItem], country: str, wanted: str | None
+                ) -> list[tuple[str, str]]:
+        """(segment, availability id) of one SKU in ``country``: its own segment's, plus — with
+        ``availabilities_in_all_segments`` — the others' in :data:`SEGMENT_ORDER`; nonprofit only when asked for
+        ("all segments except nonprofit will be returned if not included"), government only in the US."""
+        pid, sid, aid, item = row
+        ids = state.segment_availability_ids(pid, sid, aid, _segment_of(item))
+        return [(segment, ids[segment]) for segment in SEGMENT_ORDER if segment in ids
+                and (segment != "government" or country == "US")
+                and (segment == wanted if wanted is not None else segment != "nonprofit")]
+
     def availabilities(request: Request) -> dict[str, Any]:
         country = _country(request)
         segment = _segment(request)
         rows = _find(p(request, "pid"), p(request, "sku"))
-        items = [_availability_json(pid, sid, state.availability_id(pid, sid, aid), item, country)
-                 for pid, sid, aid, item in rows
-                 if _sold_in(item, country) and (segment is None or _segment_of(item) == segment)]
+        items = [_availability_json(pid, sid, aid, item, country, seg)
+                 for pid, sid, base, item in rows for seg, aid in offered((pid, sid, base, item), country, segment)]
+        if len(items) == 1 and state.config.availabilities_bare_object:
+            # get-a-list-of-availabilities-for-a-sku's new-commerce example answers the Availability itself.
+            return items[0]
         return _collection(items, f"/products/{rows[0][0]}/skus/{rows[0][1]}/availabilities?country={country}")
 
     def availability(request: Request) -> dict[str, Any]:
         country = _country(request)
         wanted = p(request, "aid")
-        pid, sid, aid, item = next(
-            (r for r in _find(p(request, "pid"), p(request, "sku"))
-             if state.availability_id(r[0], r[1], r[2]).lower() == wanted.lower()),
-            (None, None, None, None))
-        if pid is None or sid is None or aid is None or item is None:
-            raise ApiError(404, 400019, f"Availability {wanted} not found.")
-        aid = state.availability_id(pid, sid, aid)
-        if not _sold_in(item, country):
-            raise ApiError(404, 400019, f"Availability {aid} not found.")
-        return _availability_json(pid, sid, aid, item, country)
+        for row in _find(p(request, "pid"), p(request, "sku")):
+            for seg, aid in offered(row, country, None) + offered(row, country, "nonprofit"):
+                if aid.lower() == wanted.lower():
+                    return _availability_json(row[0], row[1], aid, row[3], country, seg)
+        raise ApiError(404, 400019, f"Availability {wanted} not found.")
 
     base = "/v1/products"
     return [

@@ -22,6 +22,17 @@ from ._catalog import ALL_SKUS, CATALOG, CatalogItem, ProductSku, catalog_item
 from ._config import SandboxConfig
 
 KNOWN_PATCH_STATUSES = {"active", "suspended", "deleted"}
+#: Availability segments (product-resources), in the order ``availabilities_in_all_segments`` lists them:
+#: education first, so a client that takes the first purchasable one buys the wrong segment.
+SEGMENT_ORDER = ("education", "commercial", "government", "nonprofit")
+_SEGMENT_LETTER = {"commercial": "C", "education": "E", "government": "G", "nonprofit": "N"}
+_SEGMENT_OF_AUDIENCE = {"commercial": "commercial", "faculty": "education", "students": "education",
+                        "government": "government"}
+
+
+def segment_of(item: CatalogItem) -> str:
+    """The availability segment of a catalog item's own SKU (by the audience it serves)."""
+    return _SEGMENT_OF_AUDIENCE.get(item.audience or "commercial", "commercial")
 # New-commerce license-based subscriptions can be cancelled within 7 days (168 hours) of purchase (Learn:
 # partner-center/customers/new-commerce-cancellation-policy).
 CANCELLATION_WINDOW_S = 7 * 24 * 3600
@@ -270,21 +281,25 @@ class Customer:
     orders: dict[str, Order] = field(default_factory=dict)
     carts: dict[str, Cart] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, country_in_company_profile: bool = False) -> dict[str, Any]:
+        company: dict[str, Any] = {
+            "tenantId": self.id,
+            "domain": self.domain,
+            "companyName": self.company_name,
+            "links": {"self": link(f"/customers/{self.id}/profiles/company")},
+            "attributes": {"objectType": "CustomerCompanyProfile"},
+        }
+        billing: dict[str, Any] = {"attributes": {"objectType": "CustomerBillingProfile"}}
+        if country_in_company_profile:
+            # get-a-customer-by-id's example: companyProfile.address {country, region, city, …}
+            company["address"] = {"country": self.country, "city": "Redmond", "addressLine1": "1 Microsoft Way"}
+        else:
+            billing["defaultAddress"] = {"country": self.country}
         return {
             "id": self.id,
             "commerceId": self.id,
-            "companyProfile": {
-                "tenantId": self.id,
-                "domain": self.domain,
-                "companyName": self.company_name,
-                "links": {"self": link(f"/customers/{self.id}/profiles/company")},
-                "attributes": {"objectType": "CustomerCompanyProfile"},
-            },
-            "billingProfile": {
-                "defaultAddress": {"country": self.country},
-                "attributes": {"objectType": "CustomerBillingProfile"},
-            },
+            "companyProfile": company,
+            "billingProfile": billing,
             "relationshipToPartner": "reseller",
             "allowDelegatedAccess": True,
             "links": {"self": link(f"/customers/{self.id}")},
@@ -437,6 +452,18 @@ class SandboxState:
         gen += 1 if self.config.availabilities_rotated else 0
         return base if gen == 0 else base[:-4] + f"R{gen:03d}"
 
+    def segment_availability_ids(self, product_id: str, sku_id: str, base: str, own_segment: str
+                                 ) -> dict[str, str]:
+        """With ``availabilities_in_all_segments``: the SKU's availability id in every segment (its own segment's
+        is :meth:`availability_id`; the others derive from it); without: only its own."""
+        current = self.availability_id(product_id, sku_id, base)
+        ids = {own_segment: current}
+        if self.config.availabilities_in_all_segments:
+            for segment in SEGMENT_ORDER:
+                if segment != own_segment:
+                    ids[segment] = current[:-4] + _SEGMENT_LETTER[segment] + current[-3:]
+        return ids
+
     def rotate_availability(self, product_id: str, sku_id: str) -> None:
         """By hand: the product SKU gets a new availability id (the old one goes stale)."""
         with self.lock:
@@ -454,7 +481,8 @@ class SandboxState:
         if item is None or not item.is_nce or len(parts) != 3:
             return item, item is not None
         product, sku, base = item.id.split(":")
-        return item, parts[2].lower() == self.availability_id(product, sku, base).lower()
+        current = self.segment_availability_ids(product, sku, base, segment_of(item)).values()
+        return item, parts[2].lower() in {a.lower() for a in current}
 
     def _provision(self, order: Order) -> None:
         c = self._customers[order.customer_id.lower()]
@@ -490,13 +518,15 @@ class SandboxState:
     def list_customers(self, offset: int, size: int) -> tuple[list[dict[str, Any]], int | None]:
         with self.lock:
             ids = self._customer_ids[offset:offset + size]
-            items = [self._customers[i].to_json() for i in ids]
+            only_company = bool(self.config.country_only_in_company_profile)
+            items = [self._customers[i].to_json(country_in_company_profile=only_company) for i in ids]
             nxt = offset + size if offset + size < len(self._customer_ids) else None
             return items, nxt
 
     def customer_json(self, customer_id: str) -> dict[str, Any]:
         with self.lock:
-            return self._customer(customer_id).to_json()
+            return self._customer(customer_id).to_json(
+                country_in_company_profile=bool(self.config.country_only_in_company_profile))
 
     def customer_ids(self) -> list[str]:
         with self.lock:
@@ -600,9 +630,10 @@ class SandboxState:
                 raise ApiError(412, 2055, "Etag is no longer valid", [f"If-Match {if_match.strip()!r} refused."])
             if if_match is not None and if_match.strip():
                 sent = if_match.strip()
-                if sent.startswith("W/"):
-                    sent = sent[2:]
-                sent = sent.strip().strip('"')
+                if not self.config.etag_literal_match:  # else compared as sent (suspend-a-subscription example)
+                    if sent.startswith("W/"):
+                        sent = sent[2:]
+                    sent = sent.strip().strip('"')
                 if sent != s.etag():
                     raise ApiError(412, 2055, "Etag is no longer valid", [f"Subscription {s.id} was modified."])
             new_status_raw = ci_get(body, "status")
@@ -738,10 +769,17 @@ class SandboxState:
             self._pending.append(order)
         return order
 
+    def _check_attestation(self, body: Any, what: str) -> None:
+        """create-a-cart / create-an-order: ``PartnerOnRecordAttestationAccepted`` is "Required: Yes"."""
+        if self.config.require_partner_attestation and ci_get(body, "PartnerOnRecordAttestationAccepted") is not True:
+            raise ApiError(400, 800002, f"Invalid request input: PartnerOnRecordAttestationAccepted is required on "
+                                        f"the {what} and must be true.")
+
     def create_order(self, customer_id: str, body: Any) -> dict[str, Any]:
         self.tick()
         with self.lock:
             c = self._customer(customer_id)
+            self._check_attestation(body, "order")
             raw_items = ci_get(body, "lineItems")
             if not isinstance(raw_items, list) or not raw_items:
                 raise ApiError(400, 800002, "Invalid request input: lineItems is required.")
@@ -836,6 +874,7 @@ class SandboxState:
     def create_cart(self, customer_id: str, body: Any) -> dict[str, Any]:
         with self.lock:
             c = self._customer(customer_id)
+            self._check_attestation(body, "cart")
             items = self._cart_items(body)
             now = self.clock()
             cart = Cart(_new_guid(), c.id, items, now, now)

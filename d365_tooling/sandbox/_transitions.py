@@ -77,6 +77,22 @@ class NativeOperation:
     moved_users: list[str] = field(default_factory=list)
     failed_users: list[dict[str, Any]] = field(default_factory=list)
 
+    def learn_example_json(self, now: float) -> dict[str, Any]:
+        """As get-transitions' example shows a history item: ``operationId`` (no ``id``), no
+        ``fromSubscriptionId``, and the events as a log — each one ``"Started "`` (the trailing space as printed)
+        and, once it ended, a second entry of the same name with its outcome."""
+        out = self.to_json(now)
+        out["operationId"] = out.pop("id")
+        out.pop("fromSubscriptionId")
+        log: list[dict[str, Any]] = []
+        for event in out.pop("events"):
+            log.append({**event, "status": "Started ", "timestamp": iso(self.created), "errors": [],
+                        "attributes": {"objectType": "TransitionEvent"}})
+            if event["status"] != "InProgress":
+                log.append({**event, "attributes": {"objectType": "TransitionEvent"}})
+        out["Events"] = log
+        return out
+
     def to_json(self, now: float) -> dict[str, Any]:
         done = self.completed
         conversion: dict[str, Any] = {"name": "Conversion", "status": "Completed" if done else "InProgress",
@@ -270,7 +286,11 @@ def _create_transition(state: SandboxState, customer_id: str, subscription_id: s
         assert target is not None
         op = _start(state, c, old, target, kind="transition", transition_type=detail["transitionType"],
                     quantity=quantity, request_id=request_id)
-        return op.to_json(state.clock())
+        answer = op.to_json(state.clock())
+        if state.config.transition_answer_without_target:
+            # transition-resources: ToSubscriptionId "is only populated if the subscription changes"
+            answer.pop("toSubscriptionId")
+        return answer
 
 
 # ---------------------------------------------------------------------- upgrades (traditional)
@@ -395,9 +415,12 @@ def transition_routes(state: SandboxState) -> list[Route]:
         with state.lock:
             _source(state, cid, sid)
             now = state.clock()
-            items = [op.to_json(now) for op in _ops(state) if op.kind == "transition"
-                     and op.customer_id.lower() == cid.lower()
-                     and sid.lower() in (op.from_subscription_id.lower(), op.to_subscription_id.lower())]
+            ops = [op for op in _ops(state) if op.kind == "transition" and op.customer_id.lower() == cid.lower()
+                   and sid.lower() in (op.from_subscription_id.lower(), op.to_subscription_id.lower())]
+            if state.config.transition_history_as_learn_example:
+                return 200, {"transition": [op.learn_example_json(now) for op in ops],
+                             "attributes": {"objectType": "Collection"}}
+            items = [op.to_json(now) for op in ops]
         return 200, _collection(items, f"/customers/{cid}/subscriptions/{sid}/transitions")
 
     async def upgrades(request: Request) -> tuple[int, Any]:
