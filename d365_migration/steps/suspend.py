@@ -17,8 +17,9 @@ Read top to bottom, for one ``reassigned`` record:
 2. The old subscription's status: ``suspended``/``deleted`` (and ``expired``/``disabled``: no longer billing) →
    completed, no PATCH sent; ``pending`` → wait; anything else but ``active`` → block with the status.
 3. PATCH the whole subscription resource with ``status: suspended`` and ``If-Match`` (a partial body would reset
-   other fields); a changed ETag means re-read and try again — with a growing wait, and blocked (``etag_rejected``)
-   after ``ETAG_REJECTIONS_MAX`` rejections in a row, each right after a fresh GET. Verified suspended →
+   other fields); a changed ETag means re-read and try again — sending the ETag quoted and as received in turn, with
+   a growing wait, and blocked (``etag_rejected``) after ``ETAG_REJECTIONS_MAX`` rejections in a row, each right
+   after a fresh GET. Verified suspended →
    ``completed``. ``400 800091`` ("can't update subscription with suspended status", e.g. our earlier PATCH whose
    answer was lost) → re-read and complete if it is suspended. A PATCH answered but not showing (the subscription
    still reads active) → looked at again, re-sent at most once per ``LOST_WRITE_RESEND_WAIT_SECONDS``, blocked
@@ -33,7 +34,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from .._client import RequestAttempt
+from .._client import EtagForm, RequestAttempt
 from .._exceptions import PreconditionFailedError, SubscriptionSuspendedError
 from .._models import SubscribedSku, Subscription
 from ._policy import (
@@ -262,8 +263,6 @@ async def _etag_rejected(work: Work, exc: PreconditionFailedError) -> StepResult
             f"fresh GET ({answer}); old kept active. Something keeps changing the subscription, or its ETag is not "
             "accepted as sent: look at the subscription in Partner Center (pending changes, another tool), "
             "then `python -m d365_migration retry`")
-    # (A client option to send the ETag as received, unquoted, would go into _patch_suspended for the attempts after
-    # the first rejection; this worktree's client always quotes it, so only the cap is here.)
     delay = ETAG_CHANGED_DELAY_SECONDS * ETAG_REJECTED_BACKOFF ** (rejections - 1)
     await work.transition(work.record.state, _ETAG_STALE,
                           f"{answer} ({rejections} of {ETAG_REJECTIONS_MAX} in a row); re-reading in {delay}s")
@@ -293,8 +292,12 @@ async def _patch_suspended(work: Work, old_sub: Subscription) -> Subscription:
     attempt = RequestAttempt("suspend", (record.customer_id, record.subscription_id), record.suspend_attempt)
     while client.was_answered(attempt):  # an answer this process saw but the ledger does not hold yet
         attempt = attempt.next()
+    # test-and-debug: "ETags … in double quotation marks"; suspend-a-subscription's example sends If-Match as the GET
+    # returned it. After a refusal right after a fresh GET, the other form is tried (alternating) before the cap.
+    etag_form: EtagForm = "as_received" if _etag_rejections(work) % 2 else "quoted"
     try:
-        return await client.update_subscription(record.customer_id, old_sub, status="suspended", request_id=attempt)
+        return await client.update_subscription(record.customer_id, old_sub, status="suspended", request_id=attempt,
+                                                etag_form=etag_form)
     finally:
         if client.was_answered(attempt):
             await work.checkpoint(suspend_attempt=attempt.attempt + 1)

@@ -209,6 +209,24 @@ async def test_an_if_match_refused_every_time_backs_off_then_blocks_etag_rejecte
     assert t.old_status() == "active"
 
 
+async def test_an_etag_compared_literally_is_sent_as_received_after_the_quoted_one_is_refused(
+        state: SandboxState, storage: str) -> None:
+    """suspend-a-subscription's example sends If-Match as the GET returned it, test-and-debug says in double quotes:
+    a Partner Center comparing it literally refuses the quoted form once, then the step sends it as received."""
+    t = Tenant(state)
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage) as svc:
+            waiting = await _until_suspend(svc, t)
+            srv.config.etag_literal_match = True
+            first = await svc.run(waiting)
+            assert first.record is not None and first.record.state == "reassigned"  # refused, re-reading soon
+            await svc.run(dataclasses.replace(waiting, poll=1))
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "completed", record
+    assert [h["event"] for h in record.history][-2:] == ["etag_stale", "old_suspended"]
+    assert t.old_status() == "suspended" and len(state.patches()) == 1
+
+
 async def test_throttling_that_outlasts_the_client_waits_instead_of_burning_a_delivery(state: SandboxState,
                                                                                        storage: str) -> None:
     t = Tenant(state)
