@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -265,7 +265,129 @@ def _failed_customers(failed: Sequence[tuple[str, str]]) -> str:
     return json.dumps(kept, separators=(",", ":"))
 
 
-class MigrationLedger:
+class _ScanMarkers:
+    """The ledger's detection bookkeeping (one partition per detection run): which pages and re-scans are being or
+    were scanned, the customers that could not be, and the run's purchase budget. A part of :class:`MigrationLedger`.
+    """
+
+    if TYPE_CHECKING:
+        _table: TableClient
+
+        async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+        async def ensure_table(self) -> None: ...
+
+    async def claim_scan_page(self, run_id: str, page: int, owner: str, *, lease: timedelta, part: str = ""
+                              ) -> dict[str, Any] | None:
+        """Mark a page of a detection run (``part``: one re-scan of some of its customers) as being scanned. Returns
+        the marker if this worker may scan it; a page already scanned returns ``{"done": marker}`` (a page
+        recorded *failed* may be scanned again: its message was re-driven).
+
+        :raises ConcurrencyConflict: another worker is scanning it (its lease has not expired).
+        """
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", _scan_row(page, part)
+        now = utcnow()
+        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "scanning", "Owner": owner,
+                  "LeaseUntil": (now + lease).isoformat()}
+        try:
+            await self._run(self._table.create_entity, entity)
+            return entity
+        except ResourceExistsError:
+            pass
+        existing = await self._run(self._table.get_entity, pk, rk)
+        if existing.get("Status") == "done":
+            return {"done": dict(existing)}
+        lease_until = existing.get("LeaseUntil")  # none on a page recorded failed: free to take
+        if lease_until and datetime.fromisoformat(lease_until) > now and existing.get("Owner") != owner:
+            raise ConcurrencyConflict(f"scan page {page} of run {run_id} is being scanned by another worker")
+        try:
+            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
+                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+        except ResourceModifiedError:
+            raise ConcurrencyConflict(f"scan page {page} of run {run_id} was taken by another worker") from None
+        return entity
+
+    async def release_scan_page(self, run_id: str, page: int, owner: str, *, part: str = "") -> None:
+        """Give up ``owner``'s claim on a page it could not finish (nothing happens if someone else holds it now), so
+        the message's next delivery — on any instance — scans it instead of finding it "being scanned"."""
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", _scan_row(page, part)
+        try:
+            existing = await self._run(self._table.get_entity, pk, rk)
+        except ResourceNotFoundError:
+            return
+        if existing.get("Status") != "scanning" or existing.get("Owner") != owner:
+            return
+        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "released",
+                  "At": utcnow().isoformat()}
+        with contextlib.suppress(ResourceModifiedError):  # taken over meanwhile: theirs now
+            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
+                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
+
+    async def complete_scan_page(self, run_id: str, page: int, *, next_cursor: str | None, customers: int,
+                                 candidates: int, part: str = "", retrying: int = 0,
+                                 failed: Sequence[tuple[str, str]] = ()) -> None:
+        """Mark a page (or re-scan ``part``) scanned: it is not scanned again. ``retrying``: customers handed to a
+        re-scan; ``failed``: (customer id, reason) of the customers that could not be scanned and will not be read
+        again in this run (:meth:`scan_failures` lists them)."""
+        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
+                  "Status": "done", "NextCursor": next_cursor or "", "Customers": customers, "Candidates": candidates,
+                  "Retrying": retrying, "Failed": len(failed), "FailedCustomers": _failed_customers(failed),
+                  "At": utcnow().isoformat()}
+        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def fail_scan_page(self, run_id: str, page: int, *, reason: str, part: str = "",
+                             customers: Sequence[str] = ()) -> None:
+        """Record that a page (or re-scan ``part``) could not be scanned at all — its message's last delivery failed
+        — with the reason and the customers it was to scan when they are known."""
+        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
+                  "Status": "failed", "Reason": reason[:1000], "Failed": max(1, len(customers)),
+                  "FailedCustomers": _failed_customers([(c, reason[:200]) for c in customers]),
+                  "At": utcnow().isoformat()}
+        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
+
+    async def scan_failures(self, *, since: datetime | None = None) -> list[ScanFailure]:
+        """The pages and customers detection could not scan (recorded at or after ``since``), oldest first."""
+        await self.ensure_table()
+        query = "Kind eq 'scanpage'"
+        entities = await self._run(lambda: list(self._table.query_entities(query)))
+        failures = [ScanFailure.from_entity(e) for e in entities if int(e.get("Failed") or 0) > 0]
+        if since is not None:
+            failures = [f for f in failures if f.at >= since.isoformat()]
+        return sorted(failures, key=lambda f: (f.at, f.run_id, f.page, f.part))
+
+    async def reserve_purchases(self, run_id: str, wanted: int, limit: int) -> int:
+        """How many of ``wanted`` purchases this page may still queue under the run's ``MAX_PURCHASES_PER_RUN``
+        (an ETag-guarded counter shared by every page of the run)."""
+        if wanted <= 0:
+            return 0
+        await self.ensure_table()
+        pk, rk = f"scan-{run_id}", "run"
+        for _ in range(20):
+            try:
+                existing = await self._run(self._table.get_entity, pk, rk)
+            except ResourceNotFoundError:
+                granted = min(wanted, limit)
+                try:
+                    await self._run(self._table.create_entity, {"PartitionKey": pk, "RowKey": rk, "Kind": "scanrun",
+                                                                "Queued": granted})
+                    return granted
+                except ResourceExistsError:
+                    continue
+            queued = int(existing.get("Queued", 0))
+            granted = max(0, min(wanted, limit - queued))
+            try:
+                await self._run(self._table.update_entity, {**existing, "Queued": queued + granted},
+                                mode=UpdateMode.REPLACE, etag=existing.metadata["etag"],
+                                match_condition=MatchConditions.IfNotModified)
+                return granted
+            except ResourceModifiedError:
+                continue
+        raise ConcurrencyConflict(f"could not update the purchase budget of run {run_id}")
+
+
+class MigrationLedger(_ScanMarkers):
     """Async facade over a synchronous ``TableClient`` (each call runs in a worker thread)."""
 
     def __init__(self, table: TableClient) -> None:
@@ -423,117 +545,6 @@ class MigrationLedger:
 
         counts = await asyncio.gather(*(self._run(read, u) for u in user_ids))
         return {u.lower(): n for u, n in zip(user_ids, counts, strict=True)}
-
-    # ------------------------------------------------------------------ scan pages (fan-out detection)
-
-    async def claim_scan_page(self, run_id: str, page: int, owner: str, *, lease: timedelta, part: str = ""
-                              ) -> dict[str, Any] | None:
-        """Mark a page of a detection run (``part``: one re-scan of some of its customers) as being scanned. Returns
-        the marker if this worker may scan it; a page already scanned returns ``{"done": marker}`` (a page
-        recorded *failed* may be scanned again: its message was re-driven).
-
-        :raises ConcurrencyConflict: another worker is scanning it (its lease has not expired).
-        """
-        await self.ensure_table()
-        pk, rk = f"scan-{run_id}", _scan_row(page, part)
-        now = utcnow()
-        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "scanning", "Owner": owner,
-                  "LeaseUntil": (now + lease).isoformat()}
-        try:
-            await self._run(self._table.create_entity, entity)
-            return entity
-        except ResourceExistsError:
-            pass
-        existing = await self._run(self._table.get_entity, pk, rk)
-        if existing.get("Status") == "done":
-            return {"done": dict(existing)}
-        lease_until = existing.get("LeaseUntil")  # none on a page recorded failed: free to take
-        if lease_until and datetime.fromisoformat(lease_until) > now and existing.get("Owner") != owner:
-            raise ConcurrencyConflict(f"scan page {page} of run {run_id} is being scanned by another worker")
-        try:
-            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
-                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
-        except ResourceModifiedError:
-            raise ConcurrencyConflict(f"scan page {page} of run {run_id} was taken by another worker") from None
-        return entity
-
-    async def release_scan_page(self, run_id: str, page: int, owner: str, *, part: str = "") -> None:
-        """Give up ``owner``'s claim on a page it could not finish (nothing happens if someone else holds it now), so
-        the message's next delivery — on any instance — scans it instead of finding it "being scanned"."""
-        await self.ensure_table()
-        pk, rk = f"scan-{run_id}", _scan_row(page, part)
-        try:
-            existing = await self._run(self._table.get_entity, pk, rk)
-        except ResourceNotFoundError:
-            return
-        if existing.get("Status") != "scanning" or existing.get("Owner") != owner:
-            return
-        entity = {"PartitionKey": pk, "RowKey": rk, "Kind": "scanpage", "Status": "released",
-                  "At": utcnow().isoformat()}
-        with contextlib.suppress(ResourceModifiedError):  # taken over meanwhile: theirs now
-            await self._run(self._table.update_entity, entity, mode=UpdateMode.REPLACE,
-                            etag=existing.metadata["etag"], match_condition=MatchConditions.IfNotModified)
-
-    async def complete_scan_page(self, run_id: str, page: int, *, next_cursor: str | None, customers: int,
-                                 candidates: int, part: str = "", retrying: int = 0,
-                                 failed: Sequence[tuple[str, str]] = ()) -> None:
-        """Mark a page (or re-scan ``part``) scanned: it is not scanned again. ``retrying``: customers handed to a
-        re-scan; ``failed``: (customer id, reason) of the customers that could not be scanned and will not be read
-        again in this run (:meth:`scan_failures` lists them)."""
-        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
-                  "Status": "done", "NextCursor": next_cursor or "", "Customers": customers, "Candidates": candidates,
-                  "Retrying": retrying, "Failed": len(failed), "FailedCustomers": _failed_customers(failed),
-                  "At": utcnow().isoformat()}
-        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
-
-    async def fail_scan_page(self, run_id: str, page: int, *, reason: str, part: str = "",
-                             customers: Sequence[str] = ()) -> None:
-        """Record that a page (or re-scan ``part``) could not be scanned at all — its message's last delivery failed
-        — with the reason and the customers it was to scan when they are known."""
-        entity = {"PartitionKey": f"scan-{run_id}", "RowKey": _scan_row(page, part), "Kind": "scanpage",
-                  "Status": "failed", "Reason": reason[:1000], "Failed": max(1, len(customers)),
-                  "FailedCustomers": _failed_customers([(c, reason[:200]) for c in customers]),
-                  "At": utcnow().isoformat()}
-        await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
-
-    async def scan_failures(self, *, since: datetime | None = None) -> list[ScanFailure]:
-        """The pages and customers detection could not scan (recorded at or after ``since``), oldest first."""
-        await self.ensure_table()
-        query = "Kind eq 'scanpage'"
-        entities = await self._run(lambda: list(self._table.query_entities(query)))
-        failures = [ScanFailure.from_entity(e) for e in entities if int(e.get("Failed") or 0) > 0]
-        if since is not None:
-            failures = [f for f in failures if f.at >= since.isoformat()]
-        return sorted(failures, key=lambda f: (f.at, f.run_id, f.page, f.part))
-
-    async def reserve_purchases(self, run_id: str, wanted: int, limit: int) -> int:
-        """How many of ``wanted`` purchases this page may still queue under the run's ``MAX_PURCHASES_PER_RUN``
-        (an ETag-guarded counter shared by every page of the run)."""
-        if wanted <= 0:
-            return 0
-        await self.ensure_table()
-        pk, rk = f"scan-{run_id}", "run"
-        for _ in range(20):
-            try:
-                existing = await self._run(self._table.get_entity, pk, rk)
-            except ResourceNotFoundError:
-                granted = min(wanted, limit)
-                try:
-                    await self._run(self._table.create_entity, {"PartitionKey": pk, "RowKey": rk, "Kind": "scanrun",
-                                                                "Queued": granted})
-                    return granted
-                except ResourceExistsError:
-                    continue
-            queued = int(existing.get("Queued", 0))
-            granted = max(0, min(wanted, limit - queued))
-            try:
-                await self._run(self._table.update_entity, {**existing, "Queued": queued + granted},
-                                mode=UpdateMode.REPLACE, etag=existing.metadata["etag"],
-                                match_condition=MatchConditions.IfNotModified)
-                return granted
-            except ResourceModifiedError:
-                continue
-        raise ConcurrencyConflict(f"could not update the purchase budget of run {run_id}")
 
     @property
     def table_client(self) -> TableClient:
