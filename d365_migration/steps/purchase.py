@@ -380,8 +380,8 @@ async def _current_catalog_item(work: Work, offer: str) -> str:
     assert target.product_id and target.sku_id
     customer = await work.client.get_customer(work.record.customer_id)
     if not customer.country:
-        raise NoAvailabilityError(0, None, "the customer's billing profile has no country, so no availability "
-                                  "can be chosen", stage="availability")
+        raise NoAvailabilityError(0, None, "the customer's billing profile and company profile name no country, so no "
+                                  "availability can be chosen", stage="availability")
     availability = await work.client.resolve_availability(
         target.product_id, target.sku_id, country=customer.country,
         term_duration=work.settings.replacement_term_duration,
