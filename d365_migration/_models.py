@@ -92,6 +92,15 @@ def _opt_int(obj: Mapping[str, Any], key: str, default: int = 0) -> int:
     return default
 
 
+def _req_int(obj: Mapping[str, Any], key: str, what: str) -> int:
+    """A count the tool's safety rests on: missing or not a whole number is a broken answer, never a zero."""
+    value = get_ci(obj, key)
+    parsed = _opt_int(obj, key, default=-1)
+    if value is None or isinstance(value, bool) or parsed < 0:
+        raise MalformedResponseError(f"{what} has no whole-number {key!r} (got {value!r})")
+    return parsed
+
+
 def _opt_bool(obj: Mapping[str, Any], key: str) -> bool | None:
     value = get_ci(obj, key)
     if isinstance(value, bool):
@@ -557,7 +566,9 @@ class SubscribedSku:
             product_sku=ProductSku.parse(get_ci(obj, "productSku"), "SubscribedSku.productSku"),
             available_units=_opt_int(obj, "availableUnits"),
             active_units=_opt_int(obj, "activeUnits"),
-            consumed_units=_opt_int(obj, "consumedUnits"),
+            # Who holds the SKU: the suspension's gate ("nobody holds the old SKU") reads it; a missing count must
+            # fail closed, not read as zero holders.
+            consumed_units=_req_int(obj, "consumedUnits", "SubscribedSku"),
             total_units=_opt_int(obj, "totalUnits"),
             warning_units=_opt_int(obj, "warningUnits"),
             suspended_units=_opt_int(obj, "suspendedUnits"),

@@ -679,3 +679,16 @@ def test_subscribed_skus_keep_warning_and_suspended_units() -> None:
     sku = SubscribedSku.parse({"availableUnits": 4, "activeUnits": 5, "consumedUnits": 1, "suspendedUnits": 2,
                                "totalUnits": 5, "warningUnits": 3, "productSku": {"id": "efccb6f7", "name": "EMS"}})
     assert (sku.active_units, sku.warning_units, sku.suspended_units, sku.total_units) == (5, 3, 2, 5)
+
+
+@pytest.mark.parametrize("consumed", [None, "many", -1, True, 1.5])
+def test_a_subscribed_sku_without_a_whole_consumed_count_is_malformed_not_zero_holders(consumed: object) -> None:
+    """consumedUnits is who holds the SKU; the suspension's gate reads it. Missing or not a count → a broken answer
+    (the message is retried, the record ends failed with the reason), never "nobody holds it"."""
+    raw: dict[str, object] = {"availableUnits": 0, "activeUnits": 5, "totalUnits": 5,
+                              "productSku": {"id": "efccb6f7", "name": "EMS"}}
+    if consumed is not None:
+        raw["consumedUnits"] = consumed
+    with pytest.raises(MalformedResponseError, match="consumedUnits"):
+        SubscribedSku.parse(raw)
+    assert SubscribedSku.parse({**raw, "consumedUnits": "3"}).consumed_units == 3
