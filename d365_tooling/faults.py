@@ -57,6 +57,7 @@ from d365_tooling.golive import go_live_for_every_customer
 from d365_tooling.localhost import LocalHost
 from d365_tooling.localhost.azurite import wipe_account
 from d365_tooling.sandbox import (
+    DEMO_BEHAVIOURS,
     DEMO_REPLACEMENT_OFFERS,
     LEGACY_REPLACEMENT_OFFERS,
     Distractor,
@@ -200,6 +201,13 @@ def _baseline(seed: int) -> Scenario:
     return Scenario("no_faults", seed)
 
 
+def _every_documented_behaviour(seed: int) -> Scenario:
+    # Every documented behaviour the steps handle (the demo's), at once, with the first answer of every write lost
+    # and the native path beside the runbook: what an independent Partner Center written from Learn may show.
+    return Scenario("every_documented_behaviour_lost_first_write", seed, native="transition_with_license_transfer",
+                    sandbox={**DEMO_BEHAVIOURS, "faults": {"lose_first_write_response": True}}, timeout_s=150)
+
+
 _TRANSFER = "transition_with_license_transfer"
 
 
@@ -256,6 +264,7 @@ KINDS: dict[str, Callable[[int], Scenario]] = {
     "paging_2000_and_license_warnings": _documented(
         "paging_2000_and_license_warnings", customer_paging_ends_in_2000=True, users_paging_ends_in_2000=True,
         license_warnings=True),
+    "every_documented_behaviour_lost_first_write": _every_documented_behaviour,
     # issue 13: the native path (transitions / upgrades with license transfer) beside the runbook
     "native_lost_answers": _native_lost,
     "native_crash_and_duplicates": _native_crash,
