@@ -14,13 +14,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from .._ledger import MigrationRecord
-from ._work import Work
+from ._work import RetryLater, Work
 
 __all__ = [
     "HANDED_BACK",
     "MOVED_AGAIN",
     "handed_back_without_moves",
     "trips",
+    "wait_then_block",
     "waited_too_long",
 ]
 
@@ -37,6 +38,19 @@ async def waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
         await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
         return False
     return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
+
+
+async def wait_then_block(work: Work, kind: str, limit_minutes: int, *, event: str, detail: str,
+                          waiting: str) -> None:
+    """Wait for ``kind`` by time: :class:`RetryLater` (``waiting``) until the wait has lasted ``limit_minutes``; then
+    the record is ``blocked`` with ``event`` and ``detail`` (every wait cleared, so a re-drive starts them afresh) and
+    this returns.
+
+    :raises RetryLater: the wait is not over.
+    """
+    if not await waited_too_long(work, kind, limit_minutes):
+        raise RetryLater(waiting)
+    await work.transition("blocked", event, detail, wait_kind=None, wait_started_at=None)
 
 
 def _since_restart(record: MigrationRecord) -> list[str]:

@@ -34,7 +34,7 @@ from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
 from .._settings import is_guid
 from ._routes import states_owned_by
-from ._waits import MOVED_AGAIN, handed_back_without_moves, waited_too_long
+from ._waits import MOVED_AGAIN, handed_back_without_moves, wait_then_block
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["run"]
@@ -108,16 +108,14 @@ async def _old_sku_listed(work: Work, old_sku: str) -> bool:
     if old_sku.lower() in listed:
         return True
     limit = work.settings.subscribed_sku_wait_minutes
-    if await waited_too_long(work, "old_sku_listed", limit):
-        await work.transition(
-            "blocked", "old_sku_not_listed",
-            f"the old subscription's SKU {old_sku} is not in the customer's subscribed SKUs after {limit} min "
-            "(SUBSCRIBED_SKU_WAIT_MINUTES), so nobody can tell whether every user was moved; nobody was moved and "
-            "the old subscription stays active. Check which product SKU the old subscription grants (Partner Center "
-            "→ the customer → Licenses), then `python -m d365_migration retry`",
-            wait_kind=None, wait_started_at=None)
-        return False
-    raise RetryLater(f"old SKU {old_sku} not in the customer's subscribed SKUs")
+    await wait_then_block(
+        work, "old_sku_listed", limit, event="old_sku_not_listed",
+        detail=f"the old subscription's SKU {old_sku} is not in the customer's subscribed SKUs after {limit} min "
+        "(SUBSCRIBED_SKU_WAIT_MINUTES), so nobody can tell whether every user was moved; nobody was moved and the "
+        "old subscription stays active. Check which product SKU the old subscription grants (Partner Center → the "
+        "customer → Licenses), then `python -m d365_migration retry`",
+        waiting=f"old SKU {old_sku} not in the customer's subscribed SKUs")
+    return False
 
 
 async def _resolve_skus(work: Work) -> bool:
@@ -136,14 +134,12 @@ async def _resolve_skus(work: Work) -> bool:
     if not new_sku:
         # Provisioning status "is updated every 15 minutes" (get-subscription-provisioning-status).
         limit = work.settings.provisioning_status_wait_minutes
-        if await waited_too_long(work, "provisioning_status", limit):
-            await work.transition(
-                "blocked", "provisioning_status_unavailable",
-                f"the replacement's provisioning status {pending} after {limit} min "
-                "(PROVISIONING_STATUS_WAIT_MINUTES); check the subscription in Partner Center, then "
-                "`python -m d365_migration retry`", wait_kind=None, wait_started_at=None)
-            return False
-        raise RetryLater(f"replacement's provisioning status {pending}")
+        await wait_then_block(
+            work, "provisioning_status", limit, event="provisioning_status_unavailable",
+            detail=f"the replacement's provisioning status {pending} after {limit} min "
+            "(PROVISIONING_STATUS_WAIT_MINUTES); check the subscription in Partner Center, then "
+            "`python -m d365_migration retry`", waiting=f"replacement's provisioning status {pending}")
+        return False
     if not old_sku:
         await work.transition("blocked", "sku_unknown", "cannot tell the product SKU of the old subscription")
         return False
@@ -265,25 +261,22 @@ async def _room_for(work: Work, new_sku: str, need_units: int) -> bool:
     if listed is None:
         # subscribedskus lags a new subscription: wait for the SKU to be listed at all, by its own clock.
         limit = work.settings.subscribed_sku_wait_minutes
-        if await waited_too_long(work, "subscribed_sku", limit):
-            await work.transition(
-                "blocked", "new_sku_not_listed",
-                f"the new SKU {new_sku} is not in the customer's subscribed SKUs {limit} min after the "
-                "replacement became active (SUBSCRIBED_SKU_WAIT_MINUTES); check the subscription in Partner "
-                "Center, then `python -m d365_migration retry`", wait_kind=None, wait_started_at=None)
-            return False
-        raise RetryLater(f"new SKU not in subscribed SKUs yet ({need_units} users to move)")
+        await wait_then_block(
+            work, "subscribed_sku", limit, event="new_sku_not_listed",
+            detail=f"the new SKU {new_sku} is not in the customer's subscribed SKUs {limit} min after the "
+            "replacement became active (SUBSCRIBED_SKU_WAIT_MINUTES); check the subscription in Partner Center, then "
+            "`python -m d365_migration retry`",
+            waiting=f"new SKU not in subscribed SKUs yet ({need_units} users to move)")
+        return False
     available = listed.available_units
     if available < need_units:
         limit = work.settings.free_units_wait_minutes
-        if await waited_too_long(work, "free_units", limit):
-            await work.transition(
-                "blocked", "not_enough_licenses",
-                f"{need_units} users hold the old SKU but only {available} units of the new SKU are free "
-                f"after {limit} min (FREE_UNITS_WAIT_MINUTES); buy more, then `python -m d365_migration retry`",
-                wait_kind=None, wait_started_at=None)
-            return False
-        raise RetryLater(f"{need_units} users to move but {available} units of the new SKU free yet")
+        await wait_then_block(
+            work, "free_units", limit, event="not_enough_licenses",
+            detail=f"{need_units} users hold the old SKU but only {available} units of the new SKU are free after "
+            f"{limit} min (FREE_UNITS_WAIT_MINUTES); buy more, then `python -m d365_migration retry`",
+            waiting=f"{need_units} users to move but {available} units of the new SKU free yet")
+        return False
     return True
 
 

@@ -44,7 +44,7 @@ from ._policy import (
     MAX_REASSIGN_TRIPS,
 )
 from ._routes import states_owned_by
-from ._waits import HANDED_BACK, handed_back_without_moves, trips, waited_too_long
+from ._waits import HANDED_BACK, handed_back_without_moves, trips, wait_then_block, waited_too_long
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["NO_LONGER_BILLING", "run"]
@@ -147,14 +147,14 @@ async def _licenses_checked(work: Work) -> StepResult | None:
     old = skus.get(record.old_sku_id.lower())
     limit = work.settings.subscribed_sku_wait_minutes
     if old is None:
-        if await waited_too_long(work, "old_sku_listed", limit):
-            return await _block(
-                work, "old_sku_not_listed",
-                f"the old SKU {record.old_sku_id} is not in the customer's subscribed SKUs after {limit} min "
-                "(SUBSCRIBED_SKU_WAIT_MINUTES): nobody can tell whether a user still holds it, so the old "
-                "subscription stays active. Check which product SKU it grants (Partner Center → the customer → "
-                "Licenses), then `python -m d365_migration retry`")
-        raise RetryLater(f"old SKU {record.old_sku_id} not in the customer's subscribed SKUs")
+        await wait_then_block(
+            work, "old_sku_listed", limit, event="old_sku_not_listed",
+            detail=f"the old SKU {record.old_sku_id} is not in the customer's subscribed SKUs after {limit} min "
+            "(SUBSCRIBED_SKU_WAIT_MINUTES): nobody can tell whether a user still holds it, so the old subscription "
+            "stays active. Check which product SKU it grants (Partner Center → the customer → Licenses), then "
+            "`python -m d365_migration retry`",
+            waiting=f"old SKU {record.old_sku_id} not in the customer's subscribed SKUs")
+        return work.stop("blocked")
     # Pooled SKU with named users: the holders left must be the other subscriptions' (fit in their units).
     others_units = max(0, old.active_units - record.quantity) if record.named_users is not None else 0
     if old.consumed_units > others_units:
@@ -172,14 +172,14 @@ async def _old_sku_held(work: Work, held: int, limit: int) -> StepResult:
     if handed_back_without_moves(record):
         # get-a-list-of-available-licenses promises no read-your-writes: the license move read every user's licenses
         # and nobody holds the old SKU, so the reported units lag. Wait by time rather than bounce.
-        if await waited_too_long(work, "old_sku_consumed", limit):
-            return await _block(
-                work, "old_sku_still_consumed",
-                f"the customer's subscribed SKUs still show {held} unit(s) of the old SKU consumed {limit} min "
-                "(SUBSCRIBED_SKU_WAIT_MINUTES) after the license move found nobody holding it (a user it cannot "
-                "see, e.g. an inactive or unlisted user, or a group-based assignment?); old kept active. Remove "
-                "the old product from them, then `python -m d365_migration retry`")
-        raise RetryLater(f"{held} unit(s) of the old SKU still reported consumed; nobody left to move")
+        await wait_then_block(
+            work, "old_sku_consumed", limit, event="old_sku_still_consumed",
+            detail=f"the customer's subscribed SKUs still show {held} unit(s) of the old SKU consumed {limit} min "
+            "(SUBSCRIBED_SKU_WAIT_MINUTES) after the license move found nobody holding it (a user it cannot see, "
+            "e.g. an inactive or unlisted user, or a group-based assignment?); old kept active. Remove the old "
+            "product from them, then `python -m d365_migration retry`",
+            waiting=f"{held} unit(s) of the old SKU still reported consumed; nobody left to move")
+        return work.stop("blocked")
     done = trips(record)
     if done >= MAX_REASSIGN_TRIPS:
         return await _block(
@@ -206,14 +206,14 @@ async def _moves_visible(work: Work, new: SubscribedSku | None, limit: int) -> S
     consumed = new.consumed_units if new is not None else 0
     if consumed >= moved:
         return None
-    if await waited_too_long(work, "new_sku_consumed", limit):
-        return await _block(
-            work, "moves_not_visible",
-            f"{moved} user(s) were moved to the new SKU {record.new_sku_id} but the customer's subscribed SKUs show "
-            f"only {consumed} of its units consumed after {limit} min (SUBSCRIBED_SKU_WAIT_MINUTES): a license "
-            "assignment may not have stuck; old kept active. Check the moved users' licenses in Partner Center, "
-            "then `python -m d365_migration retry`")
-    raise RetryLater(f"new SKU shows {consumed} unit(s) consumed for {moved} moved user(s) yet")
+    await wait_then_block(
+        work, "new_sku_consumed", limit, event="moves_not_visible",
+        detail=f"{moved} user(s) were moved to the new SKU {record.new_sku_id} but the customer's subscribed SKUs "
+        f"show only {consumed} of its units consumed after {limit} min (SUBSCRIBED_SKU_WAIT_MINUTES): a license "
+        "assignment may not have stuck; old kept active. Check the moved users' licenses in Partner Center, then "
+        "`python -m d365_migration retry`",
+        waiting=f"new SKU shows {consumed} unit(s) consumed for {moved} moved user(s) yet")
+    return work.stop("blocked")
 
 
 # ---------------------------------------------------------------------- 2. the old subscription's status
@@ -233,12 +233,11 @@ async def _status_checked(work: Work, old_sub: Subscription) -> StepResult | Non
     if status == "pending":
         # Partner Center is working on the subscription (subscription-resources: pending): look again, by time.
         limit = work.settings.provisioning_timeout_minutes
-        if await waited_too_long(work, "old_subscription_pending", limit):
-            return await _block(work, "old_subscription_pending",
-                                f"the old subscription is still pending after {limit} min "
-                                "(PROVISIONING_TIMEOUT_MINUTES); check it in Partner Center, then "
-                                "`python -m d365_migration retry`")
-        raise RetryLater("old subscription is pending")
+        await wait_then_block(work, "old_subscription_pending", limit, event="old_subscription_pending",
+                              detail=f"the old subscription is still pending after {limit} min "
+                              "(PROVISIONING_TIMEOUT_MINUTES); check it in Partner Center, then "
+                              "`python -m d365_migration retry`", waiting="old subscription is pending")
+        return work.stop("blocked")
     return await _block(work, "old_status_unexpected",
                         f"the old subscription reads status {status!r}, neither active nor one that stops billing "
                         f"({', '.join(sorted(NO_LONGER_BILLING))}); nothing was sent. Check it in Partner Center, "
