@@ -429,10 +429,9 @@ async def _buy_through_cart(work: Work, offer: str) -> Order | None:
         raise
     except PartnerCenterError as exc:
         if isinstance(exc, TransportError) or exc.maybe_applied:
-            # No answer after the client's retries: checkout is idempotent per cart, so the next poll checks the
-            # same cart out again (or finds its order) — not a failure of the migration.
-            raise RetryLater(f"checkout got no answer ({type(exc).__name__}); looking again",
-                             delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
+            # No answer after the client's retries: checkout is idempotent per cart, so the next poll
+            # (PROVISIONING_POLL_SECONDS) checks the same cart out again (or finds its order) — not a failure.
+            raise RetryLater(f"checkout got no answer ({type(exc).__name__}); looking again") from None
         raise
     return await _record_checkout(work, result)
 
@@ -519,9 +518,10 @@ async def _buy_through_order(work: Work, offer_id: str) -> Order | None:
     except PartnerCenterError as exc:
         if isinstance(exc, TransportError) or exc.maybe_applied:
             # The order may have been placed (or, never sent, was not): the attempt is recorded, so the next poll
-            # looks for it (_recover_order) and re-sends only after LOST_WRITE_RESEND_WAIT_SECONDS. Not a failure.
+            # (PROVISIONING_POLL_SECONDS) looks for it (_recover_order) and re-sends only after
+            # LOST_WRITE_RESEND_WAIT_SECONDS. Not a failure.
             raise RetryLater(f"order got no answer ({type(exc).__name__}); looking for it before anything is "
-                             "re-sent", delay=ORDER_IN_PROGRESS_DELAY_SECONDS) from None
+                             "re-sent") from None
         raise
     await work.transition("purchasing", "ordered", f"order {order.id}", order_id=order.id,
                           purchase_attempt=record.purchase_attempt + 1)
