@@ -842,18 +842,23 @@ class _PurchaseOps(_ClientBase):
         return cart
 
     async def checkout_cart(self, customer_id: str, cart_id: str, *, request_id: RequestIdLike) -> CheckoutResult:
-        """Checkout is idempotent per cart: a repeat replays the first result, so retries are safe
+        """Checkout is idempotent per cart: a repeat replays the first result
         (https://learn.microsoft.com/partner-center/developer/checkout-a-cart). ``orderErrors`` come back in the
         result; :meth:`CheckoutResult.rejection` turns them into a :class:`PurchaseRejectedError`.
+
+        Not retried here after a lost answer: a repeat may be refused (an expired cart answers ``404 800008``) where
+        the first checkout bought, and only the caller knows it is a repeat (the purchase step records the checkout as
+        sent before it goes, and never takes a refused repeat for "nothing was bought").
 
         :raises PurchaseRejectedError: a 4xx business failure (``stage="checkout"``, e.g. ``404 400019``
             availability not found, ``403 13605``), except ``800065`` (already submitted: find what it created).
         :raises ConflictError: ``409 800064`` cart being processed.
+        :raises ResponseLostError | UncertainWriteError: the answer was lost; the checkout may have been applied.
         """
         path = (f"/v1/customers/{_segment(customer_id, 'customer id')}/carts/"
                 f"{_segment(cart_id, 'cart id')}/checkout")
         try:
-            return CheckoutResult.parse(await self.request("POST", path, request_id=request_id))
+            return CheckoutResult.parse(await self.request("POST", path, request_id=request_id, idempotent=False))
         except ClientError as exc:
             if exc.code == "800065":
                 raise

@@ -28,7 +28,7 @@ from d365_migration import (
     TransportError,
     UncertainWriteError,
 )
-from d365_migration._client import PageRequest, map_error
+from d365_migration._client import PageRequest, RequestAttempt, map_error
 from d365_migration._exceptions import NoAvailabilityError, RetryAfterTooLongError
 from d365_migration._models import (
     FAR_FUTURE_YEAR,
@@ -692,3 +692,22 @@ def test_a_subscribed_sku_without_a_whole_consumed_count_is_malformed_not_zero_h
     with pytest.raises(MalformedResponseError, match="consumedUnits"):
         SubscribedSku.parse(raw)
     assert SubscribedSku.parse({**raw, "consumedUnits": "3"}).consumed_units == 3
+
+
+@pytest.mark.parametrize("answer", ["connection dropped", "500"])
+async def test_a_checkout_whose_answer_is_lost_is_not_repeated_by_the_client(answer: str) -> None:
+    """A repeat checkout may be refused (an expired cart: 404 800008) where the first one bought; only the purchase
+    step knows it is a repeat, so the client hands the lost answer back instead of checking out again itself."""
+    posts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request.headers["MS-RequestId"])
+        if answer == "500":
+            return httpx.Response(500, json={"code": 800003, "description": "Unexpected service error"})
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    client, _ = make_client(handler)
+    with pytest.raises((ResponseLostError, UncertainWriteError)) as info:
+        await client.checkout_cart(CUST, "cart-1", request_id=RequestAttempt.first("checkout", CUST, "cart-1"))
+    assert info.value.maybe_applied or isinstance(info.value, ResponseLostError)
+    assert len(posts) == 1

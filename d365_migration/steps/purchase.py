@@ -423,14 +423,13 @@ async def _buy_through_cart(work: Work, offer: str) -> Order | None:
         if exc.code in ("800064", "800060"):
             raise RetryLater(f"checkout in progress ({exc.code})", delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
         raise
-    except PartnerCenterApiError as exc:
-        if exc.code == "800065":  # already submitted: the purchase happened; find what it created
-            raise RetryLater("cart already checked out; waiting for its subscription") from None
-        raise
     except PartnerCenterError as exc:
+        if isinstance(exc, PartnerCenterApiError) and exc.code == "800065":
+            # already submitted: the purchase happened; find what it created
+            raise RetryLater("cart already checked out; waiting for its subscription") from None
         if isinstance(exc, TransportError) or exc.maybe_applied:
-            # No answer after the client's retries: checkout is idempotent per cart, so the next poll
-            # (PROVISIONING_POLL_SECONDS) checks the same cart out again (or finds its order) — not a failure.
+            # No answer (a lost response, a 5xx to the POST): the next poll (PROVISIONING_POLL_SECONDS) looks for the
+            # order and checks the same cart out again, as a repeat — not a failure of the migration.
             raise RetryLater(f"checkout got no answer ({type(exc).__name__}); looking again") from None
         raise
     return await _record_checkout(work, result)
