@@ -49,7 +49,8 @@ logger = logging.getLogger("d365_migration.ledger")
 STATES = ("detected", "purchasing", "purchased", "reassigning", "reassigned", "completed", "blocked", "failed",
           "cancelled", "native_pending", "native_moving")
 # native_pending / native_moving: Partner Center's own transition or upgrade with license transfer replaces buy +
-# move (steps/native.py); the record then rejoins the runbook at ``reassigned`` for the suspension.
+# move (steps/native.py); once verified the record rejoins the runbook at ``purchased`` (the license step finds
+# nobody left to move and hands over to the suspension).
 # cancelled: an operator cancelled the replacement this tool bought, inside Partner Center's cancellation window
 # (`python -m d365_migration cancel`); the old subscription was left active.
 FINAL_STATES = frozenset({"completed", "blocked", "failed", "cancelled"})

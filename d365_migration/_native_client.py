@@ -163,7 +163,9 @@ class Transition:
 
     @property
     def failed(self) -> bool:
-        return self.status.lower() == "failed" or any(e.status.lower() == "failed" for e in self.events)
+        """The transition failed, or an event's latest status is failed (an earlier failed entry followed by a
+        completed one of the same name was retried and succeeded)."""
+        return self.status.lower() == "failed" or any(e.status.lower() == "failed" for e in self._latest_events())
 
     @property
     def completed(self) -> bool:

@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ._exceptions import PartnerCenterError
+from ._exceptions import AuthenticationError, PartnerCenterError
 
 __all__ = [
     "PRICE_SHEET_VIEW",
@@ -303,7 +303,10 @@ class PriceSheetClient:
         path = (f"/v1.0/sales/pricesheets(Market='{quote(market)}',PricesheetView='{PRICE_SHEET_VIEW}')/$value")
         headers = {"Accept-Encoding": "deflate", "Accept": "text/csv, application/octet-stream"}
         if self._credential is not None:
-            headers["Authorization"] = f"Bearer {await self._credential.get_token()}"
+            try:
+                headers["Authorization"] = f"Bearer {await self._credential.get_token()}"
+            except AuthenticationError as exc:  # its message says what to run; never holds the token
+                raise PriceSheetUnavailable(f"no token for the price sheet: {exc}") from None
         try:
             response = await self._http.get(path, headers=headers)
         except httpx.TransportError as exc:  # timeouts included
@@ -399,7 +402,7 @@ class CostEstimator:
         if target.kind == "legacy":
             return CostEstimate(note="Partner Center has no price API for legacy offers")
         if not market:
-            return CostEstimate(note="the customer's country is unknown")
+            return CostEstimate(note="the customer's country is unknown or not readable")
         try:
             sheet = await self._prices.sheet(market)
         except PriceSheetUnavailable as exc:

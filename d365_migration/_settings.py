@@ -398,7 +398,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         provisioning_status_wait_minutes=_int(env, "PROVISIONING_STATUS_WAIT_MINUTES", 60, minimum=1),
         subscribed_sku_wait_minutes=_int(env, "SUBSCRIBED_SKU_WAIT_MINUTES", 60, minimum=1),
         free_units_wait_minutes=_int(env, "FREE_UNITS_WAIT_MINUTES", 60, minimum=1),
-        lost_write_resend_wait_seconds=_int(env, "LOST_WRITE_RESEND_WAIT_SECONDS", 900, minimum=0),
+        lost_write_resend_wait_seconds=_int(env, "LOST_WRITE_RESEND_WAIT_SECONDS", 900, minimum=1),
         requests_per_minute=_int(env, "PARTNER_CENTER_REQUESTS_PER_MINUTE", 500, minimum=1),
         license_requests_per_minute=_int(env, "PARTNER_CENTER_LICENSE_REQUESTS_PER_MINUTE", 300, minimum=1),
         max_concurrency=_int(env, "PARTNER_CENTER_MAX_CONCURRENCY", 16, minimum=1, maximum=256),

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from ._exceptions import ConfigurationError, MigrationError
+from ._exceptions import AuthenticationError, ConfigurationError, MigrationError, PartnerCenterError
 from ._ledger import MigrationRecord
 from ._settings import Settings
 
@@ -29,6 +29,7 @@ __all__ = ["APP_ROOT", "TOOLING_MODULE", "build_parser", "load_local_settings", 
            "retry", "retry_many"]
 
 APP_ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger("d365_migration.cli")
 #: Where the developer tooling's commands live (see :func:`_tooling`).
 TOOLING_MODULE = "d365_tooling.demo"
 
@@ -111,8 +112,15 @@ async def _plan(settings: Settings, fmt: str, show_all: bool, out: TextIO, *, pr
     markets: dict[str, str | None] = {}
 
     async def market_of(customer_id: str) -> str | None:
+        # A customer whose profile cannot be read gets no price (the row says its country is unknown); the plan
+        # itself goes on — prices inform it, they never stop it.
         if customer_id not in markets:
-            markets[customer_id] = (await client.get_customer(customer_id)).country
+            try:
+                markets[customer_id] = (await client.get_customer(customer_id)).country
+            except (PartnerCenterError, AuthenticationError) as exc:
+                logger.warning("event=price_market_unreadable customer=%s error=%s", customer_id,
+                               type(exc).__name__)
+                markets[customer_id] = None
         return markets[customer_id]
 
     # With a storage account configured, the plan draws from the budget the deployed app shares (same tenant).

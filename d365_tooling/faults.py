@@ -76,9 +76,9 @@ LEDGER_TABLE = "migrations"
 WRITE_METHODS = ("create_cart", "checkout_cart", "create_order", "update_user_licenses", "update_subscription",
                  "create_transition", "create_upgrade")
 # Ledger events after which a simulated crash may strike (the next step's message is then never written).
-CRASH_AFTER_EVENTS = ("cart_created", "checked_out", "order_attempt", "ordered", "order_found", "replacement_active",
-                      "skus_resolved", "licenses_moved", "path_native", "native_attempt", "native_started",
-                      "native_verified")
+CRASH_AFTER_EVENTS = ("cart_created", "checkout_sent", "checked_out", "order_attempt", "ordered", "order_found",
+                      "replacement_active", "skus_resolved", "licenses_moved", "path_native", "native_attempt",
+                      "native_started", "native_verified", "suspension_not_visible")
 
 
 _CURRENT_MESSAGE: contextvars.ContextVar[StepMessage | None] = contextvars.ContextVar("current_message",

@@ -183,6 +183,21 @@ async def test_a_partner_center_token_is_refused_and_the_reason_says_which_resou
     assert len(sheet) > 0
 
 
+async def test_a_token_that_cannot_be_had_is_a_reason_not_a_crash() -> None:
+    from d365_migration import AuthenticationError
+
+    class NoToken:
+        async def get_token(self, *, force_refresh: bool = False) -> str:
+            raise AuthenticationError("the refresh token was revoked; run `python -m d365_migration login`")
+
+    with SandboxServer(SandboxState()) as server:
+        async with PriceSheetClient(server.url, NoToken()) as prices:
+            costs = CostEstimator(prices, term_duration="P1Y", billing_cycle="monthly")
+            estimate = await costs.estimate("US", ReplacementTarget.parse(SALES), 4)
+    assert estimate.amount is None and "no token for the price sheet" in estimate.note and "login" in estimate.note
+    assert costs.unpriced == 1 and not [r for r in server.state.requests() if "pricesheets" in r["path"].lower()]
+
+
 async def test_the_estimator_totals_per_currency_and_names_what_it_could_not_price() -> None:
     with SandboxServer(SandboxState()) as server:
         async with PriceSheetClient(server.url) as prices:

@@ -19,6 +19,10 @@ def test_defaults_are_safe() -> None:
     assert s.endpoint == "https://api.partnercenter.microsoft.com"
     assert s.expiry_window_days == 60
     assert s.requests_per_minute == 500
+    # a lost write is re-sent only once the documented order-list lag is over
+    from d365_migration.steps import ORDER_LIST_LAG
+
+    assert s.lost_write_resend_wait_seconds == ORDER_LIST_LAG.total_seconds()
 
 
 @pytest.mark.parametrize("value,expected", [("false", False), ("FALSE", False), ("0", False), ("true", True),
@@ -34,6 +38,8 @@ def test_dry_run_parsing(value: str, expected: bool) -> None:
         ({"PARTNER_CENTER_AUTH": "app-only"}, "PARTNER_CENTER_AUTH"),
         ({"EXPIRY_WINDOW_DAYS": "-5"}, "EXPIRY_WINDOW_DAYS"),
         ({"EXPIRY_WINDOW_DAYS": "soon"}, "EXPIRY_WINDOW_DAYS"),
+        # 0 would re-send a lost write at once, before Partner Center could show it
+        ({"LOST_WRITE_RESEND_WAIT_SECONDS": "0"}, "LOST_WRITE_RESEND_WAIT_SECONDS"),
         ({"REPLACEMENT_OFFERS": "{not json"}, "REPLACEMENT_OFFERS"),
         ({"REPLACEMENT_OFFERS": json.dumps({"sales": {"commercial": "Sales Pro"}})}, "REPLACEMENT_OFFERS"),
         ({"REPLACEMENT_OFFERS": json.dumps({"marketing": {"commercial": NCE}})}, "REPLACEMENT_OFFERS"),

@@ -72,7 +72,7 @@ async def _observed(work: Work) -> AsyncIterator[None]:
 
 
 async def _stop_or_wait(work: Work, step: StepFunction) -> StepResult:
-    """Run ``step``; the two kinds of Partner Center answer that are not the migration's failure end here.
+    """Run ``step``; the three kinds of Partner Center answer that are not the migration's failure end here.
 
     * ``AccessDeniedError`` (401/403: MFA, Conditional Access, app-only token, GDAP roles): every other call of the
       same kind would fail the same way, so the record stops ONCE as ``blocked`` with the fix (the roles by name), on

@@ -40,7 +40,16 @@ import logging
 from datetime import datetime, timedelta
 
 from .._client import RequestAttempt
-from .._exceptions import ClientError, NotFoundError, PartnerCenterApiError, ResponseLostError, UncertainWriteError
+from .._exceptions import (
+    ClientError,
+    LookAgainLater,
+    NotFoundError,
+    PartnerCenterApiError,
+    ProvisioningNotReadyError,
+    ResponseLostError,
+    ThrottledError,
+    UncertainWriteError,
+)
 from .._ledger import UserOutcome
 from .._models import Subscription, product_key, same_id
 from .._native_client import Transition, UpgradeOption, UpgradeResult
@@ -109,6 +118,11 @@ async def route(work: Work, old: Subscription) -> StepResult | None:
     await work.transition("native_pending", "path_native", f"{choice.label}: {choice.reason}",
                           migration_path=choice.kind, native_target=native_target, quantity=quantity,
                           replacement_offer_id=native_target, purchase_started_at=work.now().isoformat())
+    if work.record.native_attempted_at:
+        # Chosen again after an operator's `retry`: a move an earlier attempt made is adopted, never asked for twice.
+        if await _recover(work):
+            return await run(work)
+        await work.checkpoint(native_attempted_at=None, native_request_id=None, native_operation_id=None)
     return await run(work)
 
 
@@ -136,6 +150,14 @@ def _attempt(work: Work) -> RequestAttempt:
                           record.native_attempt)
 
 
+def _since_started(work: Work) -> timedelta:
+    """Time since the move was sent, or since an operator's `retry` restarted the clock (``purchase_started_at``),
+    whichever is later: the provisioning timeout counts from there."""
+    record = work.record
+    starts = [datetime.fromisoformat(t) for t in (record.native_attempted_at, record.purchase_started_at) if t]
+    return work.now() - max(starts) if starts else timedelta(0)
+
+
 async def _act_once(work: Work) -> None:
     record = work.record
     if record.native_attempted_at:
@@ -143,11 +165,23 @@ async def _act_once(work: Work) -> None:
         if await _recover(work):
             return
         waited = work.now() - datetime.fromisoformat(record.native_attempted_at)
+        if _attempt(work).request_id != record.native_request_id:
+            # The attempt number moved on since this attempt was recorded, so Partner Center answered it — without
+            # naming the target (transition-resources: toSubscriptionId may come later): the move exists, so it is
+            # never asked for again — only looked for, until the provisioning timeout.
+            if _since_started(work) > timedelta(minutes=work.settings.provisioning_timeout_minutes):
+                await work.transition(
+                    "blocked", "native_target_unknown",
+                    f"Partner Center accepted the {record.migration_path} to {record.native_target} but names no "
+                    f"target subscription after {work.settings.provisioning_timeout_minutes} min; nothing re-sent. "
+                    "Check the subscription's transitions in Partner Center")
+                return
+            raise RetryLater("native move accepted; its target subscription is not named yet")
         old = await work.client.get_subscription(record.customer_id, record.subscription_id)
         if old.status != "active":
             # Something happened to the old subscription (Partner Center suspends it when the move begins): never
             # ask for the move again; look for what it created until the provisioning timeout.
-            if waited > timedelta(minutes=work.settings.provisioning_timeout_minutes):
+            if _since_started(work) > timedelta(minutes=work.settings.provisioning_timeout_minutes):
                 await work.transition(
                     "blocked", "native_lost_answer_unresolved",
                     f"the native move's answer was lost and the old subscription is now {old.status}, but no "
@@ -234,7 +268,17 @@ async def _recover(work: Work) -> bool:
     record = work.record
     if record.migration_path == "native_transition":
         for t in await work.client.list_transitions(record.customer_id, record.subscription_id):
-            if not (same_id(t.from_subscription_id, record.subscription_id) and t.to_subscription_id):
+            if not same_id(t.from_subscription_id, record.subscription_id):
+                continue
+            if not t.to_subscription_id:
+                if t.completed:
+                    # Complete with no target named: converted in place, or an answer this app cannot read. Either
+                    # way there is no replacement to verify users on: a human decides.
+                    await work.transition(
+                        "blocked", "native_target_unknown",
+                        f"transition {t.id} is complete but names no target subscription; nothing re-sent. Check "
+                        "the subscription in Partner Center")
+                    return True
                 continue
             if t.to_catalog_item_id and product_key(t.to_catalog_item_id) != product_key(record.native_target or ""):
                 await work.transition(
@@ -310,7 +354,8 @@ async def _wait_and_verify(work: Work) -> StepResult:
     transition: Transition | None = None
     if record.migration_path == "native_transition":
         history = await work.client.list_transitions(record.customer_id, record.subscription_id)
-        transition = next((t for t in history if (record.native_operation_id and t.id == record.native_operation_id)
+        transition = next((t for t in history if (record.native_operation_id
+                                                  and same_id(t.id, record.native_operation_id))
                            or same_id(t.to_subscription_id, record.new_subscription_id)), None)
     try:
         new_sub = await work.client.get_subscription(record.customer_id, record.new_subscription_id)
@@ -320,8 +365,7 @@ async def _wait_and_verify(work: Work) -> StepResult:
         transition is None or transition.completed or transition.failed)
     if not done:
         timeout = work.settings.provisioning_timeout_minutes
-        started = datetime.fromisoformat(record.native_attempted_at or work.now().isoformat())
-        if work.now() - started > timedelta(minutes=timeout):
+        if _since_started(work) > timedelta(minutes=timeout):
             await work.transition(
                 "blocked", "native_timeout",
                 f"native move not complete {timeout} min after it was sent (subscription "
@@ -380,8 +424,11 @@ async def _verify(work: Work, transition: Transition | None) -> StepResult:
 async def _sku_of(work: Work, subscription_id: str) -> str | None:
     try:
         status = await work.client.get_provisioning_status(work.record.customer_id, subscription_id)
+    except ProvisioningNotReadyError:
+        return None  # not readable yet: the caller falls back to the catalog or looks again
     except PartnerCenterApiError as exc:
-        if exc.status >= 500:
+        # Only a refusal (4xx) means "no SKU here": a 5xx, a 429 or a "look again" is not an answer.
+        if exc.status >= 500 or isinstance(exc, (ThrottledError, LookAgainLater)):
             raise
         return None
     return status.sku_id if status.sku_id and is_guid(status.sku_id) else None

@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from .._client import PageRequest, RequestAttempt
-from .._exceptions import NotFoundError, PartnerCenterApiError, ProvisioningNotReadyError
+from .._exceptions import (
+    LookAgainLater,
+    NotFoundError,
+    PartnerCenterApiError,
+    ProvisioningNotReadyError,
+    ThrottledError,
+)
 from .._ledger import UserOutcome
 from .._models import CustomerUser, same_id
 from .._settings import is_guid
@@ -162,7 +168,8 @@ async def _sku_of(work: Work, subscription_id: str, *, old: bool) -> str | None:
         if not old:
             raise
     except PartnerCenterApiError as exc:
-        if exc.status >= 500:
+        # Only a refusal (4xx) means "no SKU here, ask the catalog": a 5xx, a 429 or a "look again" is not an answer.
+        if exc.status >= 500 or isinstance(exc, (ThrottledError, LookAgainLater)):
             raise
     if old:
         offer = work.deps.catalog.match(record.offer_id, record.offer_name)

@@ -63,11 +63,39 @@ class RedriveResult:
                 f"queued {self.message.queue}")
 
 
+# The replacement was seen active (runbook) or the native move verified: only then do the later steps resume.
+_REPLACEMENT_READY_EVENTS = frozenset({"replacement_active", "native_verified"})
+# Blocks of a native move that was sent and may exist (steps/native.py): re-driven, it is looked for, not re-sent.
+_NATIVE_MOVE_NOT_FOUND_EVENTS = frozenset({"native_target_unknown", "native_lost_answer_unresolved"})
+
+
+def _last_stop_event(record: MigrationRecord) -> str | None:
+    """The event that stopped the record (the last one that is not an operator's own)."""
+    return next((str(h.get("event")) for h in reversed(record.history) if h.get("event") != "retry"), None)
+
+
 def resume_state(record: MigrationRecord) -> str:
-    """The working state a stopped record resumes at, from what it has recorded."""
-    if not record.new_subscription_id:
-        return "purchasing" if (record.cart_id or record.order_id or record.order_attempted_at) else "detected"
-    return "reassigning" if record.old_sku_id else "purchased"
+    """The working state a stopped record resumes at, from what it has recorded.
+
+    A recorded ``new_subscription_id`` alone does not mean the replacement is ready (a purchase that timed out while
+    provisioning, a native move blocked before its verification): such a record resumes where that is checked — the
+    purchase (which finds the recorded subscription, buys nothing) or the native move's wait and verification. A
+    history trimmed to its last entries resumes there too; that only costs a re-check."""
+    ready = any(h.get("event") in _REPLACEMENT_READY_EVENTS for h in record.history)
+    if record.new_subscription_id and ready:
+        return "reassigning" if record.old_sku_id else "purchased"
+    if (record.migration_path or "").startswith("native"):
+        # A named target: wait for the move and verify it. A move sent but never found (its answer lost, or accepted
+        # without a target): look for it again, on a fresh clock, and never ask twice. Otherwise (refused): choose
+        # again from a fresh look (steps/native.route also adopts a move an earlier attempt made).
+        if record.new_subscription_id:
+            return "native_moving"
+        if record.native_attempted_at and _last_stop_event(record) in _NATIVE_MOVE_NOT_FOUND_EVENTS:
+            return "native_pending"
+        return "detected"
+    if record.new_subscription_id or record.cart_id or record.order_id or record.order_attempted_at:
+        return "purchasing"
+    return "detected"
 
 
 async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_anyway: bool = False,

@@ -93,8 +93,9 @@ async def run(work: Work) -> StepResult:
         # re-send wait since the last one is over (the same wait as any write whose effect we cannot see yet).
         if await waited_too_long(work, NOT_SUSPENDED_YET, work.settings.provisioning_timeout_minutes):
             return await _not_applied(work, old_sub.status)
-        last = next(datetime.fromisoformat(h["at"]) for h in reversed(work.record.history)
-                    if h.get("event") == NOT_SUSPENDED_YET)
+        last_seen = next((h["at"] for h in reversed(work.record.history) if h.get("event") == NOT_SUSPENDED_YET),
+                         None)  # a history trimmed to its last entries may not hold it any more: the wait's start
+        last = datetime.fromisoformat(last_seen or work.record.wait_started_at or work.now().isoformat())
         if work.now() - last < timedelta(seconds=work.settings.lost_write_resend_wait_seconds):
             raise RetryLater(f"old subscription still {old_sub.status} after the suspension was answered")
     elif work.record.wait_kind:
@@ -155,7 +156,9 @@ async def _licenses_checked(work: Work) -> StepResult | None:
             "`python -m d365_migration retry`",
             waiting=f"old SKU {record.old_sku_id} not in the customer's subscribed SKUs")
         return work.stop("blocked")
-    # Pooled SKU with named users: the holders left must be the other subscriptions' (fit in their units).
+    # Pooled SKU with named users: the holders left must be the other subscriptions' (fit in their units). Their
+    # ACTIVE units, deliberately not totalUnits: units in warning or suspended may not be there tomorrow, and the
+    # stricter count only ever makes the suspension wait, never suspend a subscription someone still needs.
     others_units = max(0, old.active_units - record.quantity) if record.named_users is not None else 0
     if old.consumed_units > others_units:
         return await _old_sku_held(work, old.consumed_units - others_units, limit)

@@ -262,20 +262,99 @@ def _answer_first_post_with(srv: SandboxServer, suffix: str, *, apply: bool) -> 
     return intercepted
 
 
-def _hide_transitions(srv: SandboxServer) -> None:
-    """``GET …/transitions`` lists nothing (a history that lags the move)."""
+def _hide_transitions(srv: SandboxServer, *, items: list[dict[str, Any]] | None = None) -> list[bool]:
+    """``GET …/transitions`` lists nothing (a history that lags the move), or just ``items``, while the returned
+    flag is set (clear it to show the real history)."""
     app = srv.app
+    hiding = [True]
 
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].lower().endswith("/transitions"):
+        if (hiding[0] and scope["type"] == "http" and scope["method"] == "GET"
+                and scope["path"].lower().endswith("/transitions")):
+            listed = items or []
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": json.dumps(
-                {"totalCount": 0, "items": [], "attributes": {"objectType": "Collection"}}).encode()})
+                {"totalCount": len(listed), "items": listed, "attributes": {"objectType": "Collection"}}).encode()})
             return
         await app(scope, receive, send)
 
     srv.app = wrapped  # type: ignore[assignment]
+    return hiding
+
+
+async def test_an_accepted_move_without_its_target_is_looked_for_never_resent_then_blocks(
+        state: SandboxState, storage: str) -> None:
+    """The POST was answered (the move exists) but named no target, and the history does not show it yet: the move
+    is never asked for again — not after the lost-answer re-send wait either — and blocks at the timeout."""
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, transition_answer_without_target=True,
+                           native_source_left_active=True)
+    srv = SandboxServer(state, config)
+    _hide_transitions(srv)
+    with srv:
+        async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            accepted = await svc.run(act)
+            assert "not named yet" in accepted.note
+            clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 60))
+            looking = await svc.run(act)
+            assert "not named yet" in looking.note and len(_native_posts(state)) == 1
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            await svc.run(act)
+            record = await _record(svc, t)
+    assert record.state == "blocked" and "native_target_unknown" in _events(record)
+    assert record.reason is not None and "nothing re-sent" in record.reason
+    assert len(_native_posts(state)) == 1 and len(native_operations(state)) == 1
+    assert _buys(state) == [] and state.patches() == []
+
+
+async def test_a_completed_transition_naming_no_target_blocks_for_a_human(state: SandboxState,
+                                                                          storage: str) -> None:
+    t = Tenant(state, holders=2)
+    srv = SandboxServer(state, SandboxConfig(native_paths={t.customer_id: TRANSFER}))
+    _answer_first_post_with(srv, "/transitions", apply=False)
+    _hide_transitions(srv, items=[{"id": "op-1", "fromSubscriptionId": t.subscription_id, "status": "Completed",
+                                   "transitionType": TRANSFER, "events": []}])
+    with srv:
+        async with service(srv.url, storage, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            await svc.run(act)  # the POST's answer says nothing
+            await svc.run(act)
+            record = await _record(svc, t)
+    assert record.state == "blocked" and "native_target_unknown" in _events(record)
+    assert record.reason is not None and "op-1" in record.reason
+    assert _native_posts(state) == [] and _buys(state) == [] and state.patches() == []
+
+
+async def test_a_retried_native_move_adopts_the_move_an_earlier_attempt_made(state: SandboxState,
+                                                                              storage: str) -> None:
+    """Blocked with the target unknown, the operator re-drives once the history shows the move: the move is found
+    and verified; a second one is never asked for."""
+    from d365_migration.steps import redrive
+
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    config = SandboxConfig(native_paths={t.customer_id: TRANSFER}, transition_answer_without_target=True,
+                           native_source_left_active=True)
+    srv = SandboxServer(state, config)
+    hiding = _hide_transitions(srv)
+    with srv:
+        async with service(srv.url, storage, clock=clock, MIGRATION_PATH_POLICY="prefer_native") as svc:
+            (act,) = (await detect(svc)).purchase_messages
+            await svc.run(act)
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            await svc.run(act)
+            assert (await _record(svc, t)).state == "blocked"
+            hiding[0] = False  # the history shows the move now
+            retried = await redrive.run(svc.ledger, svc.queues, t.subscription_id, clock=clock)
+            assert retried.record is not None and retried.record.state == "native_pending"
+            await drive(svc, [act])
+            record = await _record(svc, t)
+    assert record.state == "completed", record.reason
+    assert len(_native_posts(state)) == 1 and len(native_operations(state)) == 1 and _buys(state) == []
+    assert all(t.old_sku not in t.licenses(h) for h in t.holders)
 
 
 async def test_lost_upgrade_answer_is_recovered_from_the_target_offers_new_subscription(state: SandboxState,

@@ -7,6 +7,7 @@ import io
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -60,20 +61,39 @@ def test_every_state_is_owned_by_exactly_one_step_or_is_final() -> None:
         assert message_for(MigrationRecord(guid(), guid(), state=state)) is None
 
 
+def _seen(event: str) -> list[dict[str, Any]]:
+    return [{"at": "2025-01-01T00:00:00+00:00", "state": "purchased", "event": event}]
+
+
 @pytest.mark.parametrize(("recorded", "state", "queue_name"), [
     ({}, "detected", "purchase-new"),
     ({"cart_id": "cart-1"}, "purchasing", "purchase-new"),
     ({"order_attempted_at": "2025-01-01T00:00:00+00:00"}, "purchasing", "purchase-new"),
-    ({"new_subscription_id": "sub-new"}, "purchased", "reassign-licenses"),
-    ({"new_subscription_id": "sub-new", "old_sku_id": "sku-old"}, "reassigning", "reassign-licenses"),
+    # bought but never seen active (a provisioning timeout): the purchase finds the recorded subscription, buys nothing
+    ({"new_subscription_id": "sub-new"}, "purchasing", "purchase-new"),
+    ({"new_subscription_id": "sub-new", "history": _seen("replacement_active")}, "purchased", "reassign-licenses"),
+    ({"new_subscription_id": "sub-new", "old_sku_id": "sku-old", "history": _seen("replacement_active")},
+     "reassigning", "reassign-licenses"),
+    # a native move blocked before its verification waits and verifies again; one verified goes on to the users
+    ({"new_subscription_id": "sub-new", "migration_path": "native_transition"}, "native_moving", "purchase-new"),
+    ({"new_subscription_id": "sub-new", "migration_path": "native_upgrade", "old_sku_id": "sku-old",
+      "history": _seen("native_verified")}, "reassigning", "reassign-licenses"),
+    # a native move refused: chosen again (route looks for an earlier move before asking for one)
+    ({"migration_path": "native_transition", "native_attempted_at": "2025-01-01T00:00:00+00:00",
+      "blocked_by": "native_rejected"}, "detected", "purchase-new"),
+    # a native move sent and never found: looked for again, never re-sent
+    ({"migration_path": "native_transition", "native_attempted_at": "2025-01-01T00:00:00+00:00",
+      "blocked_by": "native_target_unknown"}, "native_pending", "purchase-new"),
 ])
 async def test_redrive_resumes_at_the_state_its_record_has_reached_and_queues_that_states_step(
-        storage: str, recorded: dict[str, str], state: str, queue_name: str) -> None:
+        storage: str, recorded: dict[str, Any], state: str, queue_name: str) -> None:
     cid, sid = guid(), guid()
     ledger, queues = MigrationLedger.from_connection_string(storage), QueueSender.from_connection_string(storage)
     try:
-        record, _ = await ledger.create_if_absent(MigrationRecord(cid, sid, **recorded))  # type: ignore[arg-type]
-        await ledger.save(record.transition("blocked", "not_enough_licenses", "buy more"))
+        fields = dict(recorded)
+        blocked_by = str(fields.pop("blocked_by", "not_enough_licenses"))
+        record, _ = await ledger.create_if_absent(MigrationRecord(cid, sid, **fields))  # type: ignore[arg-type]
+        record = await ledger.save(record.transition("blocked", blocked_by, "needs a look"))
         assert resume_state(record) == state
         first = await redrive.run(ledger, queues, f"{cid.upper()}/{sid}")
         second = await redrive.run(ledger, queues, sid)
