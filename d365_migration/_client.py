@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 import random
@@ -34,7 +35,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import SplitResult, parse_qsl, quote, urlsplit
 
@@ -996,7 +997,15 @@ def _retry_after(response: httpx.Response, *, default: float) -> float:
     try:
         return max(0.0, float(raw.strip()))
     except ValueError:
+        pass
+    # RFC 9110 also allows an HTTP-date (api-throttling-guidance shows seconds; a proxy in front may send a date).
+    try:
+        when = email.utils.parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError):
         return default
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _decode(response: httpx.Response, method: str, path: str) -> Any:

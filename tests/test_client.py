@@ -157,6 +157,25 @@ async def test_429_honours_retry_after() -> None:
     assert client.stats.throttled == 1
 
 
+async def test_429_with_an_http_date_retry_after_waits_until_that_date() -> None:
+    """RFC 9110 allows Retry-After as an HTTP-date; a proxy in front of Partner Center may send one."""
+    from email.utils import format_datetime
+
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+            return httpx.Response(429, headers={"Retry-After": when}, json={"statusCode": 429, "message": "x"})
+        return httpx.Response(200, json=sub_json())
+
+    client, sleep = make_client(handler)
+    await client.get_subscription(CUST, SUB)
+    assert any(25 <= s <= 31 for s in sleep.slept), sleep.slept
+
+
 async def test_429_slows_the_shared_limiter() -> None:
     calls = 0
 

@@ -421,6 +421,9 @@ async def _buy_through_cart(work: Work, offer: str) -> Order | None:
         raise
     except ConflictError as exc:
         if exc.code in ("800064", "800060"):
+            # An answer: the next checkout gets a new MS-RequestId (headers page). With the same id a Partner Center
+            # that replays answers by id would say "being processed" for ever.
+            await work.checkpoint(purchase_attempt=work.record.purchase_attempt + 1)
             raise RetryLater(f"checkout in progress ({exc.code})", delay=CHECKOUT_IN_PROGRESS_DELAY_SECONDS) from None
         raise
     except PartnerCenterError as exc:

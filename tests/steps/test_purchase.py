@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -146,4 +147,39 @@ async def test_provisioning_timeout_follows_the_injected_clock(state: SandboxSta
     assert timed_out.record is not None and timed_out.record.state == "failed"
     assert "not active 30 min after purchase" in (timed_out.record.reason or "")
     assert timed_out.record.history[-1]["event"] == "provisioning_timeout"
+    assert len(mine(state, t)) == 1
+
+
+async def test_a_checkout_answered_being_processed_is_retried_with_a_new_request_id(state: SandboxState,
+                                                                                     storage: str) -> None:
+    """409 800064 is an answer: the next checkout — on another worker, which never saw it — carries a new
+    MS-RequestId (headers page), or a Partner Center that replays answers by id says "being processed" for ever."""
+    t = Tenant(state, holders=2)
+    srv = SandboxServer(state, SandboxConfig(dedupe_request_ids=True))
+    app = srv.app
+    processing: list[str] = []
+
+    async def first_checkout_busy(scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"].lower().endswith("/checkout")
+                and not processing):
+            processing.append({k.decode().lower(): v.decode() for k, v in scope["headers"]}["ms-requestid"])
+            await send({"type": "http.response.start", "status": 409,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(
+                {"code": 800064, "description": "Cart is being processed by another request."}).encode()})
+            return
+        await app(scope, receive, send)
+
+    srv.app = first_checkout_busy  # type: ignore[assignment]
+    with srv:
+        async with service(srv.url, storage) as svc:
+            (msg,) = (await detect(svc)).purchase_messages
+            busy = await svc.purchase(msg)
+            assert "checkout in progress (800064)" in busy.note
+        async with service(srv.url, storage) as other_worker:
+            await drive(other_worker, [msg])
+            record = await other_worker.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "completed", record
+    checkouts = [r["requestId"] for r in writes(state) if r["path"].lower().endswith("/checkout")]
+    assert len(processing) == 1 and len(checkouts) == 1 and checkouts[0] != processing[0]
     assert len(mine(state, t)) == 1
