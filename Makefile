@@ -35,8 +35,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy d365_migration d365_tooling detect_expiring scan_customers purchase_new reassign_licenses suspend_old status
 
+# Each test process starts its own Azurite and sandbox on loopback (tests/_azurite_plugin.py); the suite waits on
+# them far more than it computes, so two processes on two cores (0: one process, no xdist).
+TEST_PROCESSES ?= 2
 test: install lint typecheck
-	$(PY) -m pytest -q -m "not soak"
+	$(PY) -m pytest -q -m "not soak" -n $(TEST_PROCESSES)
 
 demo: install
 	$(PY) -m d365_migration demo

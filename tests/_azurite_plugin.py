@@ -23,6 +23,10 @@ def azurite() -> Iterator[str]:
     """Connection string of an Azurite that lives for the whole test session."""
     external = os.environ.get("AZURITE_CONNECTION_STRING")
     if external:
+        if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+            # Every test wipes the account it uses: two processes on one account would wipe each other's data.
+            pytest.fail("AZURITE_CONNECTION_STRING is one account, shared by every test process; run one process "
+                        "(`make test TEST_PROCESSES=0`, or pytest without -n) or unset it", pytrace=False)
         yield external
         return
     with AzuriteProcess() as process:
