@@ -5,10 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from d365_migration import _app
 
 pytest_plugins = ["tests._azurite_plugin", "tests._sandbox_plugin"]
+
+# Property tests judge what the code does, never how fast: no per-example deadline, and no "input generation is slow"
+# failure when the two test processes share two cores with Azurite and the sandbox (timing is `make bench`'s job).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 @pytest.fixture(autouse=True)
