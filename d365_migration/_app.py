@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._budget import counting_requests
 from ._exceptions import ConfigurationError, InvalidMessageError
-from ._messages import QUEUE_FOR_STEP, SCAN_QUEUE, ScanMessage, Step, StepMessage
+from ._messages import QUEUE_FOR_STEP, RESCAN_COMMAND, SCAN_QUEUE, ScanMessage, Step, StepMessage
 from ._settings import Settings
 
 if TYPE_CHECKING:  # the heavy modules (httpx, Storage SDKs) load on first use, not at import: faster cold start
@@ -52,10 +52,6 @@ __all__ = [
 logger = logging.getLogger("d365_migration.app")
 
 #: How a detection run whose page failed is re-driven (detection is idempotent: recorded candidates are not doubled).
-NEXT_DETECTION = ("fix the cause, then run detection again: run the detect_expiring function now (Azure portal → "
-                  "the function app → detect_expiring → Test/Run) or wait for DETECT_SCHEDULE; locally "
-                  "`python -m d365_migration run`")
-
 _services: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MigrationService] = weakref.WeakKeyDictionary()
 # The status page's own ledger per loop: it must not depend on the Partner Center side being buildable.
 _status_ledgers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Settings, MigrationLedger]] = (
@@ -229,7 +225,7 @@ async def run_scan(body: bytes, *, dequeue_count: int | None = None) -> StepOutp
             logger.error("event=message_poisoned event=needs_attention kind=scan_page_failed queue=%s run=%s "
                          "page=%d retry=%d customers=%s reason=%r redrive=%r", SCAN_QUEUE, message.run_id,
                          message.page, message.retry, ",".join(c for c, _ in message.customers) or "-",
-                         f"{type(exc).__name__}: {exc}", NEXT_DETECTION)
+                         f"{type(exc).__name__}: {exc}", RESCAN_COMMAND)
         raise
     outputs = StepOutputs()
     if report.purchase_messages:

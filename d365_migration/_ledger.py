@@ -358,6 +358,19 @@ class _ScanMarkers:
             failures = [f for f in failures if f.at >= since.isoformat()]
         return sorted(failures, key=lambda f: (f.at, f.run_id, f.page, f.part))
 
+    async def latest_scan_failures(self) -> tuple[str | None, list[ScanFailure]]:
+        """The latest detection run (the one whose page was recorded last) and what it could not scan, for the status
+        page: older runs' failures were either scanned by a later run or are reported again by it."""
+        await self.ensure_table()
+        entities = await self._run(lambda: list(self._table.query_entities("Kind eq 'scanpage'")))
+        if not entities:
+            return None, []
+        latest = max(entities, key=lambda e: (str(e.get("At") or ""), str(e["PartitionKey"])))
+        run_key = str(latest["PartitionKey"])
+        failures = [ScanFailure.from_entity(e) for e in entities
+                    if str(e["PartitionKey"]) == run_key and int(e.get("Failed") or 0) > 0]
+        return run_key.removeprefix("scan-"), sorted(failures, key=lambda f: (f.page, f.part))
+
     async def reserve_purchases(self, run_id: str, wanted: int, limit: int) -> int:
         """How many of ``wanted`` purchases this page may still queue under the run's ``MAX_PURCHASES_PER_RUN``
         (an ETag-guarded counter shared by every page of the run)."""

@@ -17,6 +17,7 @@ from ._settings import is_guid
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "QUEUE_FOR_STEP",
+    "RESCAN_COMMAND",
     "SCAN_QUEUE",
     "SCAN_RETRY_CHUNK",
     "SCHEMA_VERSION",
@@ -105,6 +106,11 @@ def _show(value: Any) -> str:
 
 
 SCAN_QUEUE = "scan-customers"
+
+#: What an operator does about customers a detection run could not scan (alerts, `run`, the status page).
+RESCAN_COMMAND = ("fix the cause, then run detection again: run the detect_expiring function now (Azure portal → the "
+                  "function app → detect_expiring → Test/Run) or wait for DETECT_SCHEDULE; locally "
+                  "`python -m d365_migration run`")
 
 
 #: Most customers one re-scan message names (each ≤ ~200 bytes: well inside MAX_MESSAGE_BYTES).

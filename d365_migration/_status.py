@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from html import escape
 from typing import TYPE_CHECKING, Any
 
-from ._ledger import STATES, MigrationLedger, MigrationRecord
+from ._ledger import STATES, MigrationLedger, MigrationRecord, ScanFailure
+from ._messages import RESCAN_COMMAND
 
 if TYPE_CHECKING:
     from ._settings import Settings
 __all__ = [
     "load_status",
+    "not_scanned_rows",
     "render_html",
     "retry_command",
     "status_document",
@@ -23,16 +25,33 @@ def retry_command(record: MigrationRecord) -> str:
     return f"python -m d365_migration retry {record.customer_id}/{record.subscription_id}"
 
 
+def not_scanned_rows(failures: Sequence[ScanFailure]) -> list[dict[str, Any]]:
+    """One row per customer a detection run could not scan (``customerId`` None for a page whose customers are not
+    all known; ``count`` says how many of them)."""
+    rows: list[dict[str, Any]] = []
+    for f in failures:
+        rows += [{"runId": f.run_id, "page": f.page, "customerId": customer_id, "count": 1, "reason": reason}
+                 for customer_id, reason in f.customers]
+        if f.failed > len(f.customers):
+            rows.append({"runId": f.run_id, "page": f.page, "customerId": None, "count": f.failed - len(f.customers),
+                         "reason": f.reason or "see the log (event=needs_attention)"})
+    return rows
+
+
 def status_document(records: Sequence[MigrationRecord], *, dry_run: bool,
-                    rollout: dict[str, Any] | None = None) -> dict[str, Any]:
+                    rollout: dict[str, Any] | None = None, latest_run: str | None = None,
+                    not_scanned: Sequence[ScanFailure] = ()) -> dict[str, Any]:
     """``rollout`` is :meth:`RolloutControls.to_json` of the controls in force; when given, its mode is the page's
-    dry-run flag (the stored controls, not the app setting, decide whether the app spends)."""
+    dry-run flag (the stored controls, not the app setting, decide whether the app spends). ``not_scanned``: what
+    the latest detection run (``latest_run``) could not scan — customers whose subscriptions nobody checked."""
     counts = Counter(r.state for r in records)
     if rollout is not None:
         dry_run = not rollout["live"]
     return {
         "dryRun": dry_run,
         "rollout": rollout,
+        "detection": {"latestRunId": latest_run, "notScanned": not_scanned_rows(not_scanned),
+                      "redrive": RESCAN_COMMAND},
         "total": len(records),
         "counts": {state: counts.get(state, 0) for state in STATES},
         "attention": [
@@ -61,7 +80,9 @@ async def load_status(ledger: MigrationLedger, *, dry_run: bool, settings: Setti
 
         controls = await load_effective_controls(RolloutStore(ledger.table_client), settings, seed=False)
         rollout = controls.to_json()
-    return status_document(await ledger.list_records(), dry_run=dry_run, rollout=rollout)
+    latest_run, not_scanned = await ledger.latest_scan_failures()
+    return status_document(await ledger.list_records(), dry_run=dry_run, rollout=rollout, latest_run=latest_run,
+                           not_scanned=not_scanned)
 
 
 _CSS = """
@@ -103,6 +124,12 @@ def _rollout_html(rollout: dict[str, Any] | None) -> str:
             "(every change is audited: <code>rollout audit</code>).</p>")
 
 
+def _who(row: dict[str, Any]) -> str:
+    if row["customerId"]:
+        return f"<code>{escape(str(row['customerId']))}</code>"
+    return f"{int(row['count'])} customer(s) of page {int(row['page'])}"
+
+
 def render_html(doc: dict[str, Any]) -> str:
     """A readable page; every value is HTML-escaped (offer and customer names come from Partner Center)."""
     e = escape
@@ -121,6 +148,14 @@ def render_html(doc: dict[str, Any]) -> str:
     attention = (f"<table><tr><th>customer</th><th>old subscription</th><th>state</th><th>reason</th>"
                  f"<th>after fixing the cause, re-drive with</th></tr>{attention_rows}</table>"
                  if doc["attention"] else "<p>Nothing needs attention.</p>")
+    detection = doc.get("detection") or {"latestRunId": None, "notScanned": [], "redrive": RESCAN_COMMAND}
+    missed = detection["notScanned"]
+    missed_rows = "".join(f"<tr><td>{_who(m)}</td><td>{e(m['reason'] or '')}</td></tr>" for m in missed)
+    not_scanned = (
+        f"<h2>Not scanned by the latest detection run ({sum(m['count'] for m in missed)})</h2>"
+        "<p>Their subscriptions were not checked, so an expiring one would not be migrated: "
+        f"{e(detection['redrive'])}.</p><table><tr><th>customer</th><th>reason</th></tr>{missed_rows}</table>"
+        if missed else "")
     record_rows = "".join(
         f"<tr><td>{e(r['customerName'] or r['customerId'])}</td><td>{e(r['offerName'] or '')}</td>"
         f"<td>{e(r['audience'] or '')}</td><td>{r['quantity']}</td><td>{e(r['replacementOfferId'] or '—')}</td>"
@@ -131,7 +166,7 @@ def render_html(doc: dict[str, Any]) -> str:
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>d365-migration status</title>"
         f"<style>{_CSS}</style></head><body><h1>d365-migration: Qualified Offer migrations</h1>{banner}"
         f"{_rollout_html(doc.get('rollout'))}<div class='counts'>{''.join(cards)}</div>"
-        f"<h2>Needs attention ({len(doc['attention'])})</h2>{attention}"
+        f"<h2>Needs attention ({len(doc['attention'])})</h2>{attention}{not_scanned}"
         f"<h2>All migrations ({doc['total']})</h2><table><tr><th>customer</th><th>old offer</th><th>audience</th>"
         f"<th>qty</th><th>replacement</th><th>users moved</th><th>state</th><th>updated (UTC)</th></tr>"
         f"{record_rows}</table></body></html>")

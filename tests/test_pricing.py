@@ -280,3 +280,21 @@ def test_plan_without_a_price_sheet_still_plans_and_says_why(seeded: Any, monkey
     plan = json.loads(cli("plan", "--json")[1])
     assert {m["cost"]["unavailable"] for m in plan["migrations"]} == {
         "Partner Center has no price API for legacy offers"}
+
+
+def test_a_customer_whose_profile_cannot_be_read_is_planned_without_a_price(seeded: Any) -> None:
+    """The country comes from the customer's profile; a 403 there costs that customer its price, not the plan."""
+    server, manifest = seeded
+    locked = sorted({em.customer_id.lower() for em in manifest.expected})[0]
+    server.config.profile_forbidden_customers = [locked]
+    code, text = cli("plan", "--json")
+    plan = json.loads(text)
+    assert code == 0, text
+    theirs = [m for m in plan["migrations"] if m["customerId"] == locked]
+    others = [m for m in plan["migrations"] if m["customerId"] != locked]
+    assert theirs and others
+    assert all("country is unknown or not readable" in m["cost"]["unavailable"] for m in theirs)
+    assert all("amount" in m["cost"] for m in others)
+    assert plan["cost"]["unpriced"] == len(theirs) and plan["cost"]["priced"] == len(others)
+    assert [r["status"] for r in server.state.requests()
+            if r["method"] == "GET" and r["path"].lower().rstrip("/").endswith(f"/customers/{locked}")] == [403]

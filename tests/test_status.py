@@ -198,3 +198,41 @@ async def test_status_reads_the_ledger_with_no_partner_center_settings_or_creden
     assert doc["attention"][0]["subscriptionId"] == sid and "REPLACEMENT_OFFERS" in doc["attention"][0]["reason"]
     assert "Needs attention (1)" in page
     assert len(app_module._services) == 0  # no Partner Center client, no credential
+
+
+async def test_customers_the_latest_detection_run_could_not_scan_are_shown_until_a_run_reads_them(
+        storage: str) -> None:
+    """A customer whose subscriptions could not be read (403 20002) was not checked: the page says so, with the
+    reason and what to do, and stops saying so once a later detection run reads it."""
+    app_module._services.clear()
+    state = SandboxState()
+    forbidden = add_tenant(state, SALES, name="Locked <Out> Ltd")
+    fine = add_tenant(state, SALES)
+    with SandboxServer(state) as server:
+        server.config.subscriptions_forbidden_customers = [forbidden["cid"]]
+        sales = {"sales": {"commercial": DEMO_REPLACEMENT_OFFERS["sales"]["commercial"]}}
+        env = {"PARTNER_CENTER_ENDPOINT": server.url, "PARTNER_CENTER_AUTH": "none", "DRY_RUN": "true",
+               "DETECT_SCHEDULE": "0 0 6 * * *", "PROVISIONING_POLL_SECONDS": "1",
+               "REPLACEMENT_OFFERS": json.dumps(sales)}
+        async with LocalHost(REPO, connection_string=storage, env=env,
+                             functions=["detect_expiring", "scan_customers", "status"],
+                             host_overrides={"visibilityTimeout": 0.2, "maxPollingInterval": 0.2}) as host:
+            await host.fire_timer("detect_expiring")
+            await host.run(timeout=30, idle_seconds=0.8)
+            first = await status_json(host)
+            page = (await host.call_http("status")).get_body().decode()
+            server.config.subscriptions_forbidden_customers = []
+            await host.fire_timer("detect_expiring")
+            await host.run(timeout=30, idle_seconds=0.8)
+            second = await status_json(host)
+            page_after = (await host.call_http("status")).get_body().decode()
+    app_module._services.clear()
+    (missed,) = first["detection"]["notScanned"]
+    assert missed["customerId"] == forbidden["cid"] and "20002" in missed["reason"]
+    assert first["detection"]["latestRunId"] and "detect_expiring" in first["detection"]["redrive"]
+    assert {r["subscriptionId"].lower() for r in first["records"]} == {fine["sid"]}
+    assert "Not scanned by the latest detection run (1)" in page and forbidden["cid"] in page
+    assert second["detection"]["notScanned"] == []
+    assert second["detection"]["latestRunId"] != first["detection"]["latestRunId"]
+    assert {r["subscriptionId"].lower() for r in second["records"]} == {fine["sid"], forbidden["sid"]}
+    assert "Not scanned by the latest detection run" not in page_after

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from .._client import PageRequest
 from .._exceptions import ConcurrencyConflict, LedgerError, LookAgainLater
 from .._ledger import MigrationRecord
-from .._messages import SCAN_QUEUE, SCAN_RETRY_CHUNK, ScanMessage, StepMessage
+from .._messages import RESCAN_COMMAND, SCAN_QUEUE, SCAN_RETRY_CHUNK, ScanMessage, StepMessage
 from .._models import Customer
 from .._rollout import RolloutControls
 from .._scan import AUTO_RENEW_UNKNOWN, END_DATE_UNKNOWN, Candidate, CustomerScan, LeftAlone
@@ -44,10 +44,6 @@ SCAN_RETRIES = 5
 SCAN_RETRY_MAX_DELAY_SECONDS = 3600
 # A page another invocation is scanning is looked at again this much later (its claim lasts LEASE at most).
 SCAN_BUSY_DELAY_SECONDS = 60
-#: How the customers a run could not scan are scanned again (detection is idempotent).
-RESCAN_COMMAND = ("fix the cause, then run detection again: run the detect_expiring function (Azure portal → the "
-                  "function app → detect_expiring → Test/Run) or wait for DETECT_SCHEDULE; locally "
-                  "`python -m d365_migration run`")
 
 
 @dataclass

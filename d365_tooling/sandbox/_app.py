@@ -325,8 +325,12 @@ class SandboxApp:
         self.unavailable_answers: dict[str, int] = {}  # customer id -> 503s given (subscriptions_unavailable_*)
 
     def _subscriptions_refusal(self, segments: list[str], method: str) -> tuple[int, int, str] | None:
-        """The error a customer's subscription list answers under the ``subscriptions_*_customers`` switches (error
-        codes from https://learn.microsoft.com/partner-center/developer/error-codes), or None."""
+        """The error a customer's subscription list (or profile) answers under the ``subscriptions_*_customers``
+        (``profile_forbidden_customers``) switches (error codes from
+        https://learn.microsoft.com/partner-center/developer/error-codes), or None."""
+        if (method == "GET" and len(segments) == 3 and segments[1] == "customers"
+                and segments[2] in {x.lower() for x in self.config.profile_forbidden_customers}):
+            return 403, 20002, "No commerce relationship between partner and customer."
         if method != "GET" or len(segments) != 4 or segments[1] != "customers" or segments[3] != "subscriptions":
             return None
         cfg, customer = self.config, segments[2]

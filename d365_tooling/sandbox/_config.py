@@ -93,6 +93,9 @@ class SandboxConfig:
     subscriptions_unavailable_times: int = 0
     subscriptions_forbidden_customers: list[str] = field(default_factory=list)
     subscriptions_missing_customers: list[str] = field(default_factory=list)
+    # GET …/customers/{id} (the customer's profile: its country, for prices and availabilities) answers 403 20002
+    # for these customer ids.
+    profile_forbidden_customers: list[str] = field(default_factory=list)
     # Native migration paths (_transitions): customer id -> "none" | "transition_with_license_transfer" |
     # "transition_only" | "upgrade_with_license_transfer" | "upgrade_only" for its retired subscriptions (default:
     # none, as nothing documents a path for them); users whose license transfer fails; completion delay; whether
