@@ -20,6 +20,9 @@ the same call after a timeout or lost answer; after any response — success or 
 a new one. Writes take a :class:`RequestAttempt` (operation + key + attempt number, deterministic so a retry after a
 crash sends the same id); the caller bumps ``attempt`` after every answer it saw. The client remembers which ids got
 an answer and refuses (``strict_request_ids``) or logs ``event=request_id_reused`` when one is sent again.
+A 429 or a 5xx is neither a success nor a business failure: the call was not carried out (429) or its outcome is
+unknown (5xx), so the client's own retry is the same call and keeps the id (the safe reading: on a service that
+dedupes by ``MS-RequestId`` a new id could apply a write twice; the headers page names no other case).
 """
 
 from __future__ import annotations

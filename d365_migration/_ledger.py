@@ -101,6 +101,9 @@ class MigrationRecord:
     reseller_partner_id: str | None = None  # the old subscription's indirect reseller (carried to the purchase)
     wait_kind: str | None = None  # what the license step is waiting for (provisioning_status, subscribed_sku, …)
     wait_started_at: str | None = None  # since when (the injected clock): waits are measured in time, not polls
+    # JSON {wait kind: since when} of every wait since the step last made progress: a kind seen again keeps its first
+    # start, so answers that flap between two waits cannot restart them for ever (steps/_waits.py).
+    wait_starts: str | None = None
     purchase_attempt: int = 0  # RequestAttempt.attempt of the next cart/checkout/order write (bumped per answer)
     migration_path: str | None = None  # native_transition | native_upgrade | runbook (steps/native.py)
     native_target: str | None = None  # catalog item id (transition) or legacy offer id (upgrade)

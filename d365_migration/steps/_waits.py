@@ -11,6 +11,7 @@ towards ``MAX_REASSIGN_TRIPS``. An operator's ``retry`` starts the count afresh.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 from .._ledger import MigrationRecord
@@ -20,6 +21,7 @@ __all__ = [
     "HANDED_BACK",
     "MOVED_AGAIN",
     "handed_back_without_moves",
+    "in_wait",
     "trips",
     "wait_then_block",
     "waited_too_long",
@@ -32,12 +34,33 @@ _RESTART = "retry"  # an operator re-drove the record (steps/redrive.py)
 
 async def waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
     """Start (or continue) the wait named ``kind``, measured by the injected clock; True once it has lasted longer
-    than ``limit_minutes``. Each wait has its own start, so a slow SKU never eats the free-units wait."""
+    than ``limit_minutes``. Each wait has its own start, so a slow SKU never eats the free-units wait; a wait met
+    again before the step made progress (answers flapping between two waits) continues from its first start, so it
+    still ends. The step clears them all (``wait_kind=None``) when it moves on."""
     record, now = work.record, work.now()
-    if record.wait_kind != kind or not record.wait_started_at:
-        await work.checkpoint(wait_kind=kind, wait_started_at=now.isoformat())
+    starts = _wait_starts(record)
+    started = starts.get(kind) or (record.wait_started_at if record.wait_kind == kind else None)
+    if started is None:
+        starts[kind] = now.isoformat()
+        await work.checkpoint(wait_kind=kind, wait_started_at=starts[kind], wait_starts=json.dumps(starts))
         return False
-    return now - datetime.fromisoformat(record.wait_started_at) > timedelta(minutes=limit_minutes)
+    if record.wait_kind != kind or starts.get(kind) != started:
+        starts[kind] = started
+        await work.checkpoint(wait_kind=kind, wait_started_at=started, wait_starts=json.dumps(starts))
+    return now - datetime.fromisoformat(started) > timedelta(minutes=limit_minutes)
+
+
+def in_wait(record: MigrationRecord, kind: str) -> bool:
+    """Has the wait ``kind`` started since the step last made progress (whichever wait is the current one)?"""
+    return record.wait_kind == kind or kind in _wait_starts(record)
+
+
+def _wait_starts(record: MigrationRecord) -> dict[str, str]:
+    try:
+        starts = json.loads(record.wait_starts or "{}")
+    except json.JSONDecodeError:  # unreadable: start afresh (a wait restarts; nothing is skipped)
+        return {}
+    return {str(k): str(v) for k, v in starts.items()} if isinstance(starts, dict) else {}
 
 
 async def wait_then_block(work: Work, kind: str, limit_minutes: int, *, event: str, detail: str,

@@ -67,13 +67,20 @@ def log_record(record: MigrationRecord, level: int, text: str, *args: object) ->
                record.subscription_id, *args)
 
 
+def _waits_over(changes: dict[str, Any]) -> dict[str, Any]:
+    """A step that clears its wait (``wait_kind=None``) made progress: every wait of the episode is over."""
+    if "wait_kind" in changes and changes["wait_kind"] is None:
+        changes.setdefault("wait_starts", None)
+    return changes
+
+
 async def save_transition(deps: Deps, record: MigrationRecord, state: str, event: str, detail: str | None = None,
                           **changes: Any) -> MigrationRecord:
     """Save ``record`` moved to ``state`` (one history entry dated by the injected clock) and log it.
 
     :raises ConcurrencyConflict: the record changed since it was read.
     """
-    updated = await deps.ledger.save(record.transition(state, event, detail, at=deps.now(), **changes))
+    updated = await deps.ledger.save(record.transition(state, event, detail, at=deps.now(), **_waits_over(changes)))
     level = logging.WARNING if state in ("blocked", "failed") else logging.INFO
     marker = {"failed": "event=record_failed ", "blocked": "event=record_blocked event=needs_attention "}.get(state, "")
     if state == "blocked":
@@ -121,7 +128,8 @@ class Work:
 
         :raises ConcurrencyConflict: someone else changed the record meanwhile.
         """
-        self.record = await self.deps.ledger.save(replace(self.record, updated_at=self.now().isoformat(), **changes))
+        self.record = await self.deps.ledger.save(replace(self.record, updated_at=self.now().isoformat(),
+                                                          **_waits_over(changes)))
         return self.record
 
     def log(self, level: int, text: str, *args: object) -> None:

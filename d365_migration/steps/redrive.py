@@ -141,6 +141,7 @@ async def run(ledger: MigrationLedger, queues: QueueSender, target: str, *, buy_
     restarted = now.isoformat() if owner_of(state) == "purchase" and record.purchase_started_at else None
     updated = await ledger.save(replace(
         record, lease_owner=None, lease_until=None, buy_anyway=record.buy_anyway or buy_anyway,
+        wait_kind=None, wait_started_at=None, wait_starts=None,  # an operator's retry starts every wait afresh
         purchase_started_at=restarted or record.purchase_started_at, moving_users=named,
     ).transition(state, "retry", f"re-driven by an operator from {previous}"
                  + (f"; {len(json.loads(named))} named users move" if named and moving_users is not None else ""),

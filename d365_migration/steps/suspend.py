@@ -44,7 +44,7 @@ from ._policy import (
     MAX_REASSIGN_TRIPS,
 )
 from ._routes import states_owned_by
-from ._waits import HANDED_BACK, handed_back_without_moves, trips, wait_then_block, waited_too_long
+from ._waits import HANDED_BACK, handed_back_without_moves, in_wait, trips, wait_then_block, waited_too_long
 from ._work import RetryLater, StepResult, Work
 
 __all__ = ["NO_LONGER_BILLING", "run"]
@@ -88,9 +88,10 @@ async def run(work: Work) -> StepResult:
     stopped = await _status_checked(work, old_sub)
     if stopped is not None:
         return stopped
-    if work.record.wait_kind == NOT_SUSPENDED_YET:
+    if in_wait(work.record, NOT_SUSPENDED_YET):
         # A suspension PATCH was answered but the subscription still reads active: look, don't ask again, until the
-        # re-send wait since the last one is over (the same wait as any write whose effect we cannot see yet).
+        # re-send wait since the last one is over (the same wait as any write whose effect we cannot see yet). Also
+        # when another wait came in between: that one is over, this one is not.
         if await waited_too_long(work, NOT_SUSPENDED_YET, work.settings.provisioning_timeout_minutes):
             return await _not_applied(work, old_sub.status)
         last_seen = next((h["at"] for h in reversed(work.record.history) if h.get("event") == NOT_SUSPENDED_YET),

@@ -166,3 +166,35 @@ async def test_license_warnings_are_kept_with_each_users_outcome(state: SandboxS
     moved = [o for o in outcomes if o.outcome == "moved"]
     assert {o.user_id for o in moved} == set(t.holders)
     assert all(o.detail and "license warning" in o.detail for o in moved), moved
+
+
+async def test_answers_flapping_between_two_waits_still_end_in_a_block(state: SandboxState, storage: str) -> None:
+    """subscribedskus alternately leaves out the old SKU and the new one: each wait is met again before the step
+    makes progress. A wait met again continues from its first start, so the record blocks once the old SKU's wait
+    has lasted SUBSCRIBED_SKU_WAIT_MINUTES in all, instead of restarting both waits on every poll for ever."""
+    t = Tenant(state, holders=2)
+    clock = Clock()
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, clock=clock, SUBSCRIBED_SKU_WAIT_MINUTES="30") as svc:
+            message = await _until_reassign(svc, t)  # the pre-flight saw both SKUs
+            srv.config.subscribed_skus_omitted = [t.old_sku]
+            seen: list[str | None] = []
+            record = None
+            for poll in range(8):
+                await svc.run(message)
+                record = await svc.ledger.get(t.customer_id, t.subscription_id)
+                assert record is not None
+                seen.append(record.wait_kind)
+                if record.is_final:
+                    break
+                assert record.new_sku_id
+                # the next answer leaves out the other SKU
+                srv.config.subscribed_skus_omitted = [record.new_sku_id if poll % 2 == 0 else t.old_sku]
+                clock.advance(timedelta(minutes=10))
+                message = message.next_poll()
+    assert record is not None and record.state == "blocked", (record, seen)
+    assert seen[:4] == ["old_sku_listed", "subscribed_sku", "old_sku_listed", "subscribed_sku"], seen
+    assert record.reason is not None and "SUBSCRIBED_SKU_WAIT_MINUTES" in record.reason
+    assert record.history[-1]["event"] == "old_sku_not_listed"
+    assert record.wait_kind is None and record.wait_starts is None  # a re-drive starts every wait afresh
+    assert state.license_updates() == [] and t.old_status() == "active"

@@ -107,3 +107,24 @@ async def test_redrive_resumes_at_the_state_its_record_has_reached_and_queues_th
     with queue(storage, queue_name) as q:
         (sent,) = list(q.receive_messages(max_messages=5))
     assert StepMessage.parse(sent.content, expected_step=first.message.step).subscription_id == sid
+
+
+async def test_a_retry_starts_every_wait_afresh_even_for_a_failed_record(storage: str) -> None:
+    """A record can fail (its message's last delivery) in the middle of a wait; the operator's retry must not hand
+    it back a wait that is already over, which would block it on its first poll."""
+    cid, sid = guid(), guid()
+    ledger, queues = MigrationLedger.from_connection_string(storage), QueueSender.from_connection_string(storage)
+    long_ago = "2025-01-01T00:00:00+00:00"
+    try:
+        record, _ = await ledger.create_if_absent(MigrationRecord(
+            cid, sid, new_subscription_id="sub-new", old_sku_id="sku-old", wait_kind="free_units",
+            wait_started_at=long_ago, wait_starts=f'{{"free_units": "{long_ago}"}}',
+            history=_seen("replacement_active")))
+        record = await ledger.save(record.transition("failed", "step_failed", "ServerError on the last delivery"))
+        result = await redrive.run(ledger, queues, f"{cid}/{sid}")
+        stored = await ledger.get(cid, sid)
+    finally:
+        ledger.close()
+        queues.close()
+    assert result.record is not None and result.record.state == "reassigning"
+    assert stored is not None and (stored.wait_kind, stored.wait_started_at, stored.wait_starts) == (None, None, None)

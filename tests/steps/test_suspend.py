@@ -275,3 +275,37 @@ async def test_a_suspension_answered_but_not_applied_is_resent_only_after_the_wa
     assert record is not None and record.state == "blocked", record
     assert record.history[-1]["event"] == "suspension_not_applied"
     assert patches() == 2 and t.old_status() == "active"
+
+
+async def test_another_wait_in_between_does_not_let_an_unapplied_suspension_be_resent_at_once(
+        state: SandboxState, storage: str) -> None:
+    """After a PATCH answered but not applied, one delivery waits for something else (the new SKU briefly missing
+    from subscribed SKUs). The next delivery still looks rather than PATCHing again before
+    LOST_WRITE_RESEND_WAIT_SECONDS, and the unapplied suspension's own wait still ends in a block."""
+    t = Tenant(state, holders=1)
+    clock = Clock()
+    with SandboxServer(state) as srv:
+        async with service(srv.url, storage, clock=clock) as svc:
+            report = await detect(svc)
+            (suspend_msg,) = await drive(svc, report.purchase_messages, stop_before="suspend")
+            srv.config.patch_status_ignored = True
+
+            def patches() -> int:
+                return sum(1 for r in state.requests() if r["method"] == "PATCH")
+
+            await svc.run(suspend_msg)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.new_sku_id and patches() == 1
+            srv.config.subscribed_skus_omitted = [record.new_sku_id]
+            await svc.run(suspend_msg)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+            assert record is not None and record.wait_kind == "new_sku_consumed"
+            srv.config.subscribed_skus_omitted = []
+            await svc.run(suspend_msg)
+            assert patches() == 1  # looked at, not re-sent: the re-send wait is not over
+            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+            await svc.run(suspend_msg)
+            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    assert record is not None and record.state == "blocked", record
+    assert record.history[-1]["event"] == "suspension_not_applied"
+    assert patches() == 1 and t.old_status() == "active"
