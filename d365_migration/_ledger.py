@@ -237,6 +237,11 @@ class ScanFailure:
     failed: int
     at: str
 
+    @property
+    def unlisted(self) -> int:
+        """How many of the failed customers are counted but not listed (unknown, or too many to keep)."""
+        return max(0, self.failed - len(self.customers))
+
     @classmethod
     def from_entity(cls, entity: Mapping[str, Any]) -> ScanFailure:
         row = str(entity["RowKey"])
@@ -351,11 +356,13 @@ class _ScanMarkers:
                   "At": utcnow().isoformat()}
         await self._run(self._table.upsert_entity, entity, mode=UpdateMode.REPLACE)
 
+    async def _scan_page_entities(self) -> list[Any]:
+        await self.ensure_table()
+        return await self._run(lambda: list(self._table.query_entities("Kind eq 'scanpage'")))
+
     async def scan_failures(self, *, since: datetime | None = None) -> list[ScanFailure]:
         """The pages and customers detection could not scan (recorded at or after ``since``), oldest first."""
-        await self.ensure_table()
-        query = "Kind eq 'scanpage'"
-        entities = await self._run(lambda: list(self._table.query_entities(query)))
+        entities = await self._scan_page_entities()
         failures = [ScanFailure.from_entity(e) for e in entities if int(e.get("Failed") or 0) > 0]
         if since is not None:
             failures = [f for f in failures if f.at >= since.isoformat()]
@@ -364,8 +371,7 @@ class _ScanMarkers:
     async def latest_scan_failures(self) -> tuple[str | None, list[ScanFailure]]:
         """The latest detection run (the one whose page was recorded last) and what it could not scan, for the status
         page: older runs' failures were either scanned by a later run or are reported again by it."""
-        await self.ensure_table()
-        entities = await self._run(lambda: list(self._table.query_entities("Kind eq 'scanpage'")))
+        entities = await self._scan_page_entities()
         if not entities:
             return None, []
         latest = max(entities, key=lambda e: (str(e.get("At") or ""), str(e["PartitionKey"])))

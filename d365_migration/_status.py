@@ -32,8 +32,8 @@ def not_scanned_rows(failures: Sequence[ScanFailure]) -> list[dict[str, Any]]:
     for f in failures:
         rows += [{"runId": f.run_id, "page": f.page, "customerId": customer_id, "count": 1, "reason": reason}
                  for customer_id, reason in f.customers]
-        if f.failed > len(f.customers):
-            rows.append({"runId": f.run_id, "page": f.page, "customerId": None, "count": f.failed - len(f.customers),
+        if f.unlisted:
+            rows.append({"runId": f.run_id, "page": f.page, "customerId": None, "count": f.unlisted,
                          "reason": f.reason or "see the log (event=needs_attention)"})
     return rows
 
@@ -148,7 +148,7 @@ def render_html(doc: dict[str, Any]) -> str:
     attention = (f"<table><tr><th>customer</th><th>old subscription</th><th>state</th><th>reason</th>"
                  f"<th>after fixing the cause, re-drive with</th></tr>{attention_rows}</table>"
                  if doc["attention"] else "<p>Nothing needs attention.</p>")
-    detection = doc.get("detection") or {"latestRunId": None, "notScanned": [], "redrive": RESCAN_COMMAND}
+    detection = doc["detection"]
     missed = detection["notScanned"]
     missed_rows = "".join(f"<tr><td>{_who(m)}</td><td>{e(m['reason'] or '')}</td></tr>" for m in missed)
     not_scanned = (

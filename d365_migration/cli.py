@@ -407,8 +407,8 @@ async def _not_scanned(settings: Settings, *, since: Any) -> list[str]:
         for customer_id, reason in f.customers:
             lines.append(f"not scanned: customer {customer_id}: {reason} — its subscriptions were not checked; fix "
                          "the cause and run again")
-        if f.failed > len(f.customers):
-            what = f"{f.failed - len(f.customers)} more customer(s)" if f.customers else "its customers"
+        if f.unlisted:
+            what = f"{f.unlisted} more customer(s)" if f.customers else "its customers"
             lines.append(f"not scanned: page {f.page} of detection run {f.run_id}: {f.reason or 'see the log'} "
                          f"({what} not checked); fix the cause and run again")
     return lines

@@ -39,12 +39,9 @@ async def waited_too_long(work: Work, kind: str, limit_minutes: int) -> bool:
     still ends. The step clears them all (``wait_kind=None``) when it moves on."""
     record, now = work.record, work.now()
     starts = _wait_starts(record)
-    started = starts.get(kind) or (record.wait_started_at if record.wait_kind == kind else None)
-    if started is None:
-        starts[kind] = now.isoformat()
-        await work.checkpoint(wait_kind=kind, wait_started_at=starts[kind], wait_starts=json.dumps(starts))
-        return False
-    if record.wait_kind != kind or starts.get(kind) != started:
+    started = (starts.get(kind) or (record.wait_started_at if record.wait_kind == kind else None)
+               or now.isoformat())
+    if record.wait_kind != kind or starts.get(kind) != started:  # a wait begun or met again: record it current
         starts[kind] = started
         await work.checkpoint(wait_kind=kind, wait_started_at=started, wait_starts=json.dumps(starts))
     return now - datetime.fromisoformat(started) > timedelta(minutes=limit_minutes)

@@ -324,7 +324,7 @@ class SandboxApp:
         self.long_throttled = 0  # answers given with config.long_retry_after_s
         self.unavailable_answers: dict[str, int] = {}  # customer id -> 503s given (subscriptions_unavailable_*)
 
-    def _subscriptions_refusal(self, segments: list[str], method: str) -> tuple[int, int, str] | None:
+    def _customer_refusal(self, segments: list[str], method: str) -> tuple[int, int, str] | None:
         """The error a customer's subscription list (or profile) answers under the ``subscriptions_*_customers``
         (``profile_forbidden_customers``) switches (error codes from
         https://learn.microsoft.com/partner-center/developer/error-codes), or None."""
@@ -463,7 +463,7 @@ class SandboxApp:
                     await respond(403, err(403, 900309, "Access has been blocked by Conditional Access policies. "
                                                         "The access policy does not allow token issuance."))
                     return
-            refusal = self._subscriptions_refusal(segments, method)
+            refusal = self._customer_refusal(segments, method)
             if refusal is not None:
                 log["fault"] = "subscriptions-" + str(refusal[0])
                 await respond(refusal[0], err(*refusal))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -243,15 +245,23 @@ async def test_throttling_that_outlasts_the_client_waits_instead_of_burning_a_de
     assert t.old_status() == "active" and state.patches() == []
 
 
-async def test_a_suspension_answered_but_not_applied_is_resent_only_after_the_wait_then_blocks(
-        state: SandboxState, storage: str) -> None:
-    """A PATCH answered 200 whose change never shows (stricter than documented: sandbox patch_status_ignored) is
-    looked at, re-sent at most once per LOST_WRITE_RESEND_WAIT_SECONDS, and blocked after the provisioning timeout —
-    never a PATCH per delivery without end."""
-    from datetime import timedelta
+@dataclasses.dataclass
+class UnappliedSuspension:
+    """A chain driven up to the suspension against a sandbox whose PATCHes are answered 200 but never applied
+    (stricter than documented: ``patch_status_ignored``)."""
 
-    from tests.steps._world import Clock
+    tenant: Tenant
+    clock: Clock
+    server: SandboxServer
+    svc: MigrationService
+    message: StepMessage
 
+    def patches(self) -> int:
+        return sum(1 for r in self.server.state.requests() if r["method"] == "PATCH")
+
+
+@contextlib.asynccontextmanager
+async def unapplied_suspension(state: SandboxState, storage: str) -> AsyncIterator[UnappliedSuspension]:
     t = Tenant(state, holders=1)
     clock = Clock()
     with SandboxServer(state) as srv:
@@ -259,19 +269,25 @@ async def test_a_suspension_answered_but_not_applied_is_resent_only_after_the_wa
             report = await detect(svc)
             (suspend_msg,) = await drive(svc, report.purchase_messages, stop_before="suspend")
             srv.config.patch_status_ignored = True
+            yield UnappliedSuspension(t, clock, srv, svc, suspend_msg)
 
-            def patches() -> int:
-                return sum(1 for r in state.requests() if r["method"] == "PATCH")
 
-            await svc.run(suspend_msg)
-            await svc.run(suspend_msg)  # soon after: looked at, not re-sent
-            assert patches() == 1
-            clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 1))
-            await svc.run(suspend_msg)
-            assert patches() == 2  # re-sent once the wait is over
-            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
-            await svc.run(suspend_msg)
-            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+async def test_a_suspension_answered_but_not_applied_is_resent_only_after_the_wait_then_blocks(
+        state: SandboxState, storage: str) -> None:
+    """A PATCH answered 200 whose change never shows is looked at, re-sent at most once per
+    LOST_WRITE_RESEND_WAIT_SECONDS, and blocked after the provisioning timeout — never a PATCH per delivery without
+    end."""
+    async with unapplied_suspension(state, storage) as world:
+        t, clock, svc, suspend_msg, patches = world.tenant, world.clock, world.svc, world.message, world.patches
+        await svc.run(suspend_msg)
+        await svc.run(suspend_msg)  # soon after: looked at, not re-sent
+        assert patches() == 1
+        clock.advance(timedelta(seconds=svc.settings.lost_write_resend_wait_seconds + 1))
+        await svc.run(suspend_msg)
+        assert patches() == 2  # re-sent once the wait is over
+        clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+        await svc.run(suspend_msg)
+        record = await svc.ledger.get(t.customer_id, t.subscription_id)
     assert record is not None and record.state == "blocked", record
     assert record.history[-1]["event"] == "suspension_not_applied"
     assert patches() == 2 and t.old_status() == "active"
@@ -282,30 +298,22 @@ async def test_another_wait_in_between_does_not_let_an_unapplied_suspension_be_r
     """After a PATCH answered but not applied, one delivery waits for something else (the new SKU briefly missing
     from subscribed SKUs). The next delivery still looks rather than PATCHing again before
     LOST_WRITE_RESEND_WAIT_SECONDS, and the unapplied suspension's own wait still ends in a block."""
-    t = Tenant(state, holders=1)
-    clock = Clock()
-    with SandboxServer(state) as srv:
-        async with service(srv.url, storage, clock=clock) as svc:
-            report = await detect(svc)
-            (suspend_msg,) = await drive(svc, report.purchase_messages, stop_before="suspend")
-            srv.config.patch_status_ignored = True
-
-            def patches() -> int:
-                return sum(1 for r in state.requests() if r["method"] == "PATCH")
-
-            await svc.run(suspend_msg)
-            record = await svc.ledger.get(t.customer_id, t.subscription_id)
-            assert record is not None and record.new_sku_id and patches() == 1
-            srv.config.subscribed_skus_omitted = [record.new_sku_id]
-            await svc.run(suspend_msg)
-            record = await svc.ledger.get(t.customer_id, t.subscription_id)
-            assert record is not None and record.wait_kind == "new_sku_consumed"
-            srv.config.subscribed_skus_omitted = []
-            await svc.run(suspend_msg)
-            assert patches() == 1  # looked at, not re-sent: the re-send wait is not over
-            clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
-            await svc.run(suspend_msg)
-            record = await svc.ledger.get(t.customer_id, t.subscription_id)
+    async with unapplied_suspension(state, storage) as world:
+        t, clock, svc, suspend_msg, patches = world.tenant, world.clock, world.svc, world.message, world.patches
+        srv = world.server
+        await svc.run(suspend_msg)
+        record = await svc.ledger.get(t.customer_id, t.subscription_id)
+        assert record is not None and record.new_sku_id and patches() == 1
+        srv.config.subscribed_skus_omitted = [record.new_sku_id]
+        await svc.run(suspend_msg)
+        record = await svc.ledger.get(t.customer_id, t.subscription_id)
+        assert record is not None and record.wait_kind == "new_sku_consumed"
+        srv.config.subscribed_skus_omitted = []
+        await svc.run(suspend_msg)
+        assert patches() == 1  # looked at, not re-sent: the re-send wait is not over
+        clock.advance(timedelta(minutes=svc.settings.provisioning_timeout_minutes + 1))
+        await svc.run(suspend_msg)
+        record = await svc.ledger.get(t.customer_id, t.subscription_id)
     assert record is not None and record.state == "blocked", record
     assert record.history[-1]["event"] == "suspension_not_applied"
     assert patches() == 1 and t.old_status() == "active"
